@@ -1,0 +1,866 @@
+"""The `hierarchical` SAE architecture: a fixed tree of latents, readable top to bottom.
+
+Layout. Levels 0..L-1 (0 = roots, coarsest; L-1 = leaves, finest). Level widths
+n_0, n_l = n_{l-1} * b_l, so the tree is fixed at construction: the parent of latent j at
+level l is j // b_l at level l-1. Latents are stored level-major (all roots, then level 1,
+...), so `d_sae = sum(n_l)`, a level is a contiguous slice and siblings are contiguous.
+
+Projections. Each non-leaf node p owns a learned rank-r subspace: its children's encoder
+columns and decoder rows are codes inside that subspace,
+    W_enc[:, c] = P_p @ e_c    (P_p: [d_in, r], e_c: [r])
+    W_dec[c]    = d_c @ U_p    (d_c: [r],       U_p: [r, d_in])
+so the hierarchy is geometric (as in H-SAE), not only a gating rule. `projection_rank=None`
+stores child rows directly (the ablation). Either way the model exposes flat `W_enc`
+[d_in, d_sae] and `W_dec` [d_sae, d_in] (read-only views) because SAELens's evals,
+SAE-Bench and HookedSAETransformer read them, and `decode` stays linear in the latents.
+
+Gating. A child can be active only if its parent is active: at every level the gated
+pre-activations are `relu(pre) * (parent_act > 0)` before that level's sparsity rule runs,
+so every active latent sits on an active root-to-node path (hard gate, train and test).
+
+Sparsity per level (`variant`):
+  "batchtopk": per-level BatchTopK with k_l while training; a per-level threshold learned
+               alongside (as SAELens's BatchTopK does) replaces it at inference, so inference
+               is per-token.
+  "topk":      per-token TopK with k_l in each level, train and test.
+  "relu":      ReLU with a per-level L1 coefficient l1_per_level[l].
+
+Loss (training):
+  sum_l w_l * ||x - x_hat_{<=l}||^2        prefix reconstructions: the roots alone must
+                                           reconstruct x coarsely, which keeps parents alive
+  + kl_coefficient * KL                    activation mass of each level vs its children's
+  + l2_coefficient * L2                    children kept near their parent
+  + aux-k on dead latents (SAELens's helpers) + per-level L1 (relu variant)
+Every term is returned under its own name, so SAELens's trainer logs it as `losses/<name>`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from typing_extensions import override
+
+from sae_lens.saes.sae import (
+    SAE,
+    SAEConfig,
+    TrainCoefficientConfig,
+    TrainingSAE,
+    TrainingSAEConfig,
+    TrainStepInput,
+    TrainStepOutput,
+)
+from sae_lens.saes.topk_sae import calculate_topk_aux_acts
+
+ARCHITECTURE = "hierarchical"
+VARIANTS = ("batchtopk", "topk", "relu")
+L2_FORMS = ("decoder", "activation")
+# Stateful run-time normalisations delete their statistics on the first decode, so the
+# extra prefix decodes of training would fail; SAELens's matryoshka SAE has the same limit.
+TRAINABLE_NORMALIZATIONS = ("none", "expected_average_only_in")
+
+
+def _bad(field_name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(
+        f"HierarchicalSAE config: {field_name}={value!r} is invalid; {allowed}."
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class _TreeFields:
+    """Fields shared by the inference and training configs: the tree and its sparsity."""
+
+    n_levels: int = 3
+    """Depth of the tree: number of levels, roots included."""
+    level_widths: list[int] | None = None
+    """Latents per level, roots first; derived from n_roots and branching when None."""
+    n_roots: int | None = None
+    """Number of root latents (level 0); derived from level_widths or d_sae when None."""
+    branching: list[int] | None = None
+    """Children per parent for levels 1..L-1; defaults to 4 at every level."""
+    variant: str = "batchtopk"
+    """Sparsity rule per level: one of "batchtopk", "topk", "relu"."""
+    k_per_level: list[float] | None = None
+    """Active latents per token in each level (batchtopk: on average); topk variants only."""
+    projection_rank: int | None = 8
+    """Rank r of each parent's learned subspace for its children; None = unfactored rows."""
+
+    def _resolve_tree(self, d_in: int, d_sae: int) -> None:
+        """Fill level_widths / n_roots / branching from whichever was given, then validate."""
+        if not isinstance(self.n_levels, int) or self.n_levels < 1:
+            raise _bad("n_levels", self.n_levels, "it must be an integer >= 1")
+        L = self.n_levels
+        if self.level_widths is not None:
+            widths = [int(w) for w in self.level_widths]
+            if len(widths) != L:
+                raise _bad(
+                    "level_widths", self.level_widths,
+                    f"it must have n_levels={L} entries",
+                )
+            if any(w < 1 for w in widths):
+                raise _bad("level_widths", self.level_widths, "every width must be >= 1")
+            derived = [widths[i] // widths[i - 1] for i in range(1, L)]
+            for i in range(1, L):
+                if widths[i] % widths[i - 1] != 0:
+                    raise _bad(
+                        "level_widths", self.level_widths,
+                        f"each width must be a multiple of the one before "
+                        f"({widths[i]} is not a multiple of {widths[i - 1]})",
+                    )
+            if self.branching is not None and list(self.branching) != derived:
+                raise _bad(
+                    "branching", self.branching,
+                    f"level_widths={widths} implies branching={derived}",
+                )
+            if self.n_roots is not None and self.n_roots != widths[0]:
+                raise _bad(
+                    "n_roots", self.n_roots, f"level_widths={widths} implies n_roots={widths[0]}"
+                )
+            branching = derived
+        else:
+            branching = [4] * (L - 1) if self.branching is None else [int(b) for b in self.branching]
+            if len(branching) != L - 1:
+                raise _bad(
+                    "branching", self.branching,
+                    f"it must have n_levels-1={L - 1} entries (one per non-root level)",
+                )
+            if any(b < 1 for b in branching):
+                raise _bad("branching", self.branching, "every branching factor must be >= 1")
+            per_root = [math.prod(branching[:i]) for i in range(L)]
+            if self.n_roots is None:
+                if d_sae % sum(per_root) != 0:
+                    raise _bad(
+                        "d_sae", d_sae,
+                        f"with branching={branching} it must be a multiple of {sum(per_root)} "
+                        f"(or give n_roots / level_widths)",
+                    )
+                n_roots = d_sae // sum(per_root)
+            else:
+                n_roots = int(self.n_roots)
+            if n_roots < 1:
+                raise _bad("n_roots", self.n_roots, "it must be >= 1")
+            widths = [n_roots * p for p in per_root]
+        if sum(widths) != d_sae:
+            raise _bad(
+                "d_sae", d_sae,
+                f"it must equal the tree's size sum(level_widths)={sum(widths)} "
+                f"for level_widths={widths}",
+            )
+        self.level_widths, self.branching, self.n_roots = widths, branching, widths[0]
+
+        if self.variant not in VARIANTS:
+            raise _bad("variant", self.variant, f"allowed: {', '.join(VARIANTS)}")
+        if self.variant in ("batchtopk", "topk"):
+            if self.k_per_level is None:
+                raise _bad(
+                    "k_per_level", None,
+                    f"variant={self.variant!r} needs one k per level ({L} values)",
+                )
+            if len(self.k_per_level) != L:
+                raise _bad("k_per_level", self.k_per_level, f"it must have {L} entries")
+            for k, n in zip(self.k_per_level, widths):
+                if not (0 < k <= n):
+                    raise _bad(
+                        "k_per_level", self.k_per_level,
+                        f"each k must be in (0, level width]; widths are {widths}",
+                    )
+            if self.variant == "topk" and any(float(k) != int(k) for k in self.k_per_level):
+                raise _bad("k_per_level", self.k_per_level, "variant 'topk' needs integer k")
+        if self.projection_rank is not None and not (1 <= self.projection_rank <= d_in):
+            raise _bad(
+                "projection_rank", self.projection_rank, f"it must be None or in [1, d_in={d_in}]"
+            )
+
+    # Derived structure, read by the model, the metrics and the evals.
+    @property
+    def level_slices(self) -> list[slice]:
+        """Contiguous slice of each level in the flat latent axis."""
+        assert self.level_widths is not None
+        starts = [0]
+        for w in self.level_widths:
+            starts.append(starts[-1] + w)
+        return [slice(a, b) for a, b in zip(starts[:-1], starts[1:])]
+
+
+@dataclass
+class HierarchicalSAEConfig(_TreeFields, SAEConfig):
+    """Inference config of a hierarchical SAE (what cfg.json holds)."""
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return ARCHITECTURE
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._resolve_tree(self.d_in, self.d_sae)
+
+
+@dataclass(kw_only=True)
+class HierarchicalTrainingSAEConfig(_TreeFields, TrainingSAEConfig):
+    """Training config of a hierarchical SAE: the tree plus every loss coefficient."""
+
+    l1_per_level: list[float] | None = None
+    """L1 coefficient per level (variant "relu" only); must not decrease with level."""
+    allow_nonincreasing_sparsity: bool = False
+    """Opt out of the check that deeper levels are sparser (k_l/n_l decreasing)."""
+    level_recon_weights: list[float] | None = None
+    """Weight w_l of the prefix reconstruction x_hat_{<=l}; the last is the full MSE's."""
+    kl_coefficient: float = 0.0
+    """Weight of the KL consistency term (parent mass vs pooled child mass)."""
+    l2_coefficient: float = 0.0
+    """Weight of the L2 consistency term (form chosen by l2_form)."""
+    l2_form: str = "decoder"
+    """L2 term: "decoder" (unit child rows near parent row) or "activation" (a_p ~ sum a_c)."""
+    aux_loss_coefficient: float = 1.0
+    """Weight of SAELens's aux-k loss that lets dead latents reconstruct the residual."""
+    aux_k: int | None = None
+    """Dead latents used by the aux-k loss per token; None = d_in // 2 (SAELens's heuristic)."""
+    topk_threshold_lr: float = 0.01
+    """EMA rate of the per-level inference thresholds learned during batchtopk training."""
+    child_init_parent_mix: float = 0.5
+    """At init each child direction is this mix of its parent's direction and a random one."""
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return ARCHITECTURE
+
+    @override
+    def get_inference_config_class(self) -> type[SAEConfig]:
+        # Resolved directly (not through the registry) so a training config can be built
+        # before or without registration.
+        return HierarchicalSAEConfig
+
+    def __post_init__(self) -> None:
+        self._resolve_tree(self.d_in, self.d_sae)
+        L = self.n_levels
+        assert self.level_widths is not None
+        if self.normalize_activations not in TRAINABLE_NORMALIZATIONS:
+            raise _bad(
+                "normalize_activations", self.normalize_activations,
+                f"training supports {', '.join(TRAINABLE_NORMALIZATIONS)} "
+                "(stateful norms break the per-level prefix decodes)",
+            )
+        for name in ("kl_coefficient", "l2_coefficient", "aux_loss_coefficient",
+                     "topk_threshold_lr"):
+            if getattr(self, name) < 0:
+                raise _bad(name, getattr(self, name), "it must be >= 0")
+        if not 0.0 <= self.child_init_parent_mix <= 1.0:
+            raise _bad("child_init_parent_mix", self.child_init_parent_mix, "it must be in [0, 1]")
+        if self.l2_form not in L2_FORMS:
+            raise _bad("l2_form", self.l2_form, f"allowed: {', '.join(L2_FORMS)}")
+        if self.aux_k is not None and self.aux_k < 1:
+            raise _bad("aux_k", self.aux_k, "it must be None or >= 1")
+        if self.level_recon_weights is None:
+            self.level_recon_weights = [1.0] * L
+        if len(self.level_recon_weights) != L or any(w < 0 for w in self.level_recon_weights):
+            raise _bad(
+                "level_recon_weights", self.level_recon_weights,
+                f"it must hold {L} non-negative weights",
+            )
+        if self.variant == "relu":
+            if self.l1_per_level is None or len(self.l1_per_level) != L:
+                raise _bad(
+                    "l1_per_level", self.l1_per_level,
+                    f"variant 'relu' needs {L} non-negative L1 coefficients",
+                )
+            if any(c < 0 for c in self.l1_per_level):
+                raise _bad("l1_per_level", self.l1_per_level, "coefficients must be >= 0")
+            if not self.allow_nonincreasing_sparsity and any(
+                b < a for a, b in zip(self.l1_per_level, self.l1_per_level[1:])
+            ):
+                raise _bad(
+                    "l1_per_level", self.l1_per_level,
+                    "coefficients must not decrease with level (deeper = sparser); "
+                    "set allow_nonincreasing_sparsity=True to opt out",
+                )
+        elif not self.allow_nonincreasing_sparsity:
+            assert self.k_per_level is not None
+            dens = [k / n for k, n in zip(self.k_per_level, self.level_widths)]
+            if any(b >= a for a, b in zip(dens, dens[1:])):
+                raise _bad(
+                    "k_per_level", self.k_per_level,
+                    f"the active fraction k_l/n_l must decrease with level (got "
+                    f"{[round(x, 4) for x in dens]} for widths {self.level_widths}); "
+                    "set allow_nonincreasing_sparsity=True to opt out",
+                )
+        super().__post_init__()
+
+
+# ---------------------------------------------------------------------------------------
+# Shared model: parameters, the flat views, the tree, gating, folding
+# ---------------------------------------------------------------------------------------
+
+
+def _param_names(level: int, rank: int | None) -> tuple[str, ...]:
+    if level == 0 or rank is None:
+        return (f"W_enc_l{level}", f"W_dec_l{level}")
+    return (f"enc_basis_l{level}", f"enc_codes_l{level}", f"dec_basis_l{level}", f"dec_codes_l{level}")
+
+
+def scale_latents(
+    tensors: dict[str, torch.Tensor],
+    cfg: _TreeFields,
+    enc_scale: torch.Tensor,
+    dec_scale: torch.Tensor,
+) -> None:
+    """Multiply latent j's encoder column by enc_scale[j] and decoder row by dec_scale[j].
+
+    Works on a name -> tensor dict (a state dict or the live parameters) and rebinds the
+    entries, so state-dict tensors that share storage with parameters are left alone.
+    Factored children are scaled through their codes, which keeps each subspace intact.
+    """
+    assert cfg.level_widths is not None and cfg.branching is not None
+    for level, sl in enumerate(cfg.level_slices):
+        e, d = enc_scale[sl], dec_scale[sl]
+        if level == 0 or cfg.projection_rank is None:
+            we, wd = _param_names(level, None)
+            tensors[we] = tensors[we] * e.to(tensors[we].dtype)
+            tensors[wd] = tensors[wd] * d.to(tensors[wd].dtype).unsqueeze(-1)
+        else:
+            b = cfg.branching[level - 1]
+            ec, dc = f"enc_codes_l{level}", f"dec_codes_l{level}"
+            tensors[ec] = tensors[ec] * e.to(tensors[ec].dtype).view(-1, 1, b)
+            tensors[dc] = tensors[dc] * d.to(tensors[dc].dtype).view(-1, b, 1)
+
+
+class _HierarchicalMixin:
+    """Parameters, flat views, tree accessors and the gated activation (both classes)."""
+
+    cfg: Any
+    dtype: torch.dtype
+    device: torch.device
+
+    # --- tree ----------------------------------------------------------------------------
+    @property
+    def n_levels(self) -> int:
+        return self.cfg.n_levels
+
+    @property
+    def level_slices(self) -> list[slice]:
+        return self.cfg.level_slices
+
+    @property
+    def parent_index(self) -> torch.Tensor:
+        """LongTensor [d_sae]: the parent of each latent, -1 for roots."""
+        parts = [torch.full((self.cfg.level_widths[0],), -1, dtype=torch.long)]
+        for level in range(1, self.n_levels):
+            start = self.level_slices[level - 1].start
+            b = self.cfg.branching[level - 1]
+            parts.append(start + torch.arange(self.cfg.level_widths[level]) // b)
+        return torch.cat(parts).to(self.b_dec.device)
+
+    @property
+    def latent_levels(self) -> torch.Tensor:
+        """LongTensor [d_sae]: the level of each latent."""
+        return torch.repeat_interleave(
+            torch.arange(self.n_levels), torch.tensor(self.cfg.level_widths)
+        ).to(self.b_dec.device)
+
+    def level_of(self, j: int) -> int:
+        for level, sl in enumerate(self.level_slices):
+            if sl.start <= j < sl.stop:
+                return level
+        raise IndexError(f"latent {j} is outside the tree (d_sae={self.cfg.d_sae})")
+
+    def children(self, j: int | None = None) -> Any:  # type: ignore[override]
+        """Flat indices of latent j's children (empty for leaves).
+
+        Called without j it is nn.Module.children() (the sub-modules), which torch itself
+        relies on, so both meanings share the name.
+        """
+        if j is None:
+            return nn.Module.children(self)  # type: ignore[arg-type]
+        return self.tree_children(j)
+
+    def tree_children(self, j: int) -> list[int]:
+        """Flat indices of latent j's children (empty for leaves)."""
+        level = self.level_of(j)
+        if level == self.n_levels - 1:
+            return []
+        b = self.cfg.branching[level]
+        first = self.level_slices[level + 1].start + (j - self.level_slices[level].start) * b
+        return list(range(first, first + b))
+
+    def path(self, j: int) -> list[int]:
+        """Flat indices from the root down to latent j (inclusive)."""
+        parents = self.parent_index.tolist()
+        out = [j]
+        while parents[out[-1]] >= 0:
+            out.append(parents[out[-1]])
+        return out[::-1]
+
+    # --- parameters ----------------------------------------------------------------------
+    def initialize_weights(self) -> None:
+        cfg = self.cfg
+        d, r = cfg.d_in, cfg.projection_rank
+        kw = dict(dtype=self.dtype, device=self.device)
+        init_norm = getattr(cfg, "decoder_init_norm", None) or 1.0
+        mix = getattr(cfg, "child_init_parent_mix", 0.0)
+        self.b_dec = nn.Parameter(torch.zeros(d, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
+
+        def unit(x: torch.Tensor) -> torch.Tensor:
+            return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+        # Initialise in float32 then cast: QR and normalisation are unstable in bf16.
+        parent_dirs = unit(torch.randn(cfg.level_widths[0], d))
+        self._register_level(0, W_dec=parent_dirs * init_norm, kw=kw)
+        for level in range(1, cfg.n_levels):
+            b = cfg.branching[level - 1]
+            n_par = cfg.level_widths[level - 1]
+            # Children start as a mix of their parent's direction and a random one: a
+            # level-aware init that gives each child slot a reason to sit under its parent.
+            if r is None:
+                child = unit(mix * parent_dirs.repeat_interleave(b, 0)
+                             + (1 - mix) * unit(torch.randn(n_par * b, d)))
+                self._register_level(level, W_dec=child * init_norm, kw=kw)
+                parent_dirs = child
+                continue
+            # The subspace basis U_p: orthonormal rows whose first row is the parent's
+            # direction, so the parent direction is always reachable by the children.
+            raw = torch.randn(n_par, d, r)
+            raw[:, :, 0] = parent_dirs
+            basis = torch.linalg.qr(raw).Q.transpose(1, 2)  # [n_par, r, d], orthonormal rows
+            sign = torch.sign((basis[:, 0] * parent_dirs).sum(-1)).view(-1, 1, 1)
+            basis[:, :1] = basis[:, :1] * sign
+            codes = torch.zeros(n_par, b, r)
+            codes[:, :, 0] = mix
+            codes = unit(codes + (1 - mix) * unit(torch.randn(n_par, b, r)))
+            child = torch.einsum("pbr,prd->pbd", codes, basis).reshape(n_par * b, d)
+            for name, value in (
+                (f"dec_basis_l{level}", basis),
+                (f"dec_codes_l{level}", codes * init_norm),
+                (f"enc_basis_l{level}", basis.transpose(1, 2).contiguous()),
+                (f"enc_codes_l{level}", (codes * init_norm).transpose(1, 2).contiguous()),
+            ):
+                setattr(self, name, nn.Parameter(value.to(**kw)))
+            parent_dirs = unit(child)
+
+    def _register_level(self, level: int, W_dec: torch.Tensor, kw: dict[str, Any]) -> None:
+        we, wd = _param_names(level, None)
+        setattr(self, wd, nn.Parameter(W_dec.to(**kw)))
+        setattr(self, we, nn.Parameter(W_dec.T.contiguous().to(**kw)))
+
+    def level_W_dec(self, level: int) -> torch.Tensor:
+        """Decoder rows of one level, [n_level, d_in] (materialised from the subspaces)."""
+        if level == 0 or self.cfg.projection_rank is None:
+            return getattr(self, f"W_dec_l{level}")
+        codes, basis = getattr(self, f"dec_codes_l{level}"), getattr(self, f"dec_basis_l{level}")
+        return torch.einsum("pbr,prd->pbd", codes, basis).flatten(0, 1)
+
+    def level_W_enc(self, level: int) -> torch.Tensor:
+        """Encoder columns of one level, [d_in, n_level]."""
+        if level == 0 or self.cfg.projection_rank is None:
+            return getattr(self, f"W_enc_l{level}")
+        basis, codes = getattr(self, f"enc_basis_l{level}"), getattr(self, f"enc_codes_l{level}")
+        return torch.einsum("pdr,prb->dpb", basis, codes).flatten(1, 2)
+
+    @property
+    def W_dec(self) -> torch.Tensor:  # type: ignore[override]
+        """Flat decoder [d_sae, d_in] (a read-only view: edit through the fold methods)."""
+        return torch.cat([self.level_W_dec(lv) for lv in range(self.n_levels)], dim=0)
+
+    @property
+    def W_enc(self) -> torch.Tensor:  # type: ignore[override]
+        """Flat encoder [d_in, d_sae] (a read-only view: edit through the fold methods)."""
+        return torch.cat([self.level_W_enc(lv) for lv in range(self.n_levels)], dim=1)
+
+    def _live_weights(self) -> dict[str, torch.Tensor]:
+        return {n: p.data for n, p in self.named_parameters()}  # type: ignore[attr-defined]
+
+    @torch.no_grad()
+    def _scale_latents_(self, enc_scale: torch.Tensor, dec_scale: torch.Tensor) -> None:
+        weights = self._live_weights()
+        scale_latents(weights, self.cfg, enc_scale, dec_scale)
+        for name, value in weights.items():
+            getattr(self, name).data.copy_(value)
+
+    @torch.no_grad()
+    def _scale_input_space_(self, s: float) -> None:
+        """Fold x -> x*s into the weights: encoder side x s, decoder side and b_dec / s."""
+        ones = torch.ones(self.cfg.d_sae, device=self.b_dec.device)
+        self._scale_latents_(ones * s, ones / s)
+        self.b_dec.data /= s
+
+    # --- the gated, level-by-level activation ------------------------------------------
+    def _gate(self, acts: torch.Tensor, parent_on: torch.Tensor) -> torch.Tensor:
+        """Zero every child whose parent is off. acts [..., n_l], parent_on [..., n_{l-1}]."""
+        n_par = parent_on.shape[-1]
+        gated = acts.unflatten(-1, (n_par, acts.shape[-1] // n_par)) * parent_on.unsqueeze(-1)
+        return gated.flatten(-2)
+
+    def _hierarchical_activation(
+        self, hidden_pre: torch.Tensor, select: Any
+    ) -> torch.Tensor:
+        """Run levels root-first: relu, gate by the parent level, then `select(level, acts)`."""
+        outs: list[torch.Tensor] = []
+        parent_on: torch.Tensor | None = None
+        for level, sl in enumerate(self.level_slices):
+            acts = hidden_pre[..., sl].relu()
+            if parent_on is not None:
+                acts = self._gate(acts, parent_on)
+            acts = select(level, acts, hidden_pre[..., sl])
+            parent_on = (acts > 0).to(acts.dtype)
+            outs.append(acts)
+        return torch.cat(outs, dim=-1)
+
+
+def _topk_per_token(acts: torch.Tensor, k: int) -> torch.Tensor:
+    vals, idx = acts.topk(min(int(k), acts.shape[-1]), dim=-1, sorted=False)
+    return torch.zeros_like(acts).scatter(-1, idx, vals)
+
+
+# ---------------------------------------------------------------------------------------
+# Inference
+# ---------------------------------------------------------------------------------------
+
+
+class HierarchicalSAE(_HierarchicalMixin, SAE[HierarchicalSAEConfig]):
+    """Inference hierarchical SAE: per-token, hard-gated, linear decode."""
+
+    threshold: torch.Tensor
+
+    def __init__(self, cfg: HierarchicalSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+
+    @override
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        # Per-latent threshold on the (norm-folded) pre-activation: the batchtopk variant's
+        # learned per-level threshold; 0 for relu; unused by topk.
+        self.register_buffer(
+            "threshold", torch.zeros(self.cfg.d_sae, dtype=self.dtype, device=self.device)
+        )
+
+    def _select(self, level: int, acts: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+        if self.cfg.variant == "topk":
+            return _topk_per_token(acts, int(self.cfg.k_per_level[level]))
+        return acts * (pre > self.threshold[self.level_slices[level]])
+
+    @override
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        sae_in = self.process_sae_in(x)
+        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
+        return self.hook_sae_acts_post(self._hierarchical_activation(hidden_pre, self._select))
+
+    @override
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        sae_out = self.hook_sae_recons(feature_acts @ self.W_dec + self.b_dec)
+        sae_out = self.run_time_activation_norm_fn_out(sae_out)
+        return self.reshape_fn_out(sae_out, self.d_head)
+
+    @override
+    @torch.no_grad()
+    def fold_W_dec_norm(self) -> None:
+        norms = self.get_W_dec_norm()
+        if self.cfg.variant == "topk" and not torch.allclose(norms, torch.ones_like(norms)):
+            # Per-token TopK compares pre-activations across latents; rescaling them by
+            # different norms would change which latents win.
+            raise NotImplementedError(
+                "fold_W_dec_norm would change the TopK selection of a 'topk' hierarchical SAE "
+                "whose decoder rows are not unit-norm"
+            )
+        self._scale_latents_(norms, 1.0 / norms)
+        self.b_enc.data *= norms
+        self.threshold.data *= norms.to(self.threshold.dtype)
+
+    @override
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        # Pre-activations are unchanged by the fold, so the thresholds stay as they are.
+        self._scale_input_space_(scaling_factor)
+        self.cfg.normalize_activations = "none"
+
+    @override
+    @torch.no_grad()
+    def fold_activation_whitening(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            "covariance_whitening is not supported by hierarchical SAEs yet"
+        )
+
+    @override
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        # A training checkpoint keeps unfolded decoder norms and per-level thresholds:
+        # convert it to the inference form so SAE.load_from_disk(checkpoint) is exact.
+        if "topk_threshold" in state_dict:
+            _training_to_inference_state(state_dict, self.cfg)
+
+
+def _training_to_inference_state(state_dict: dict[str, Any], cfg: _TreeFields) -> None:
+    """Fold decoder norms into the encoder and turn per-level thresholds into per-latent ones."""
+    level_thresholds = state_dict.pop("topk_threshold")
+    names = [n for lv in range(cfg.n_levels) for n in _param_names(lv, cfg.projection_rank)]
+    probe = {n: state_dict[n] for n in names}
+    norms = _flat_W_dec_norms(probe, cfg)
+    scale_latents(state_dict, cfg, norms, 1.0 / norms)
+    state_dict["b_enc"] = state_dict["b_enc"] * norms.to(state_dict["b_enc"].dtype)
+    thr = torch.cat([
+        torch.full((w,), float(t) if cfg.variant == "batchtopk" else 0.0)
+        for w, t in zip(cfg.level_widths or [], level_thresholds.tolist())
+    ])
+    state_dict["threshold"] = thr.to(dtype=state_dict["b_enc"].dtype, device=state_dict["b_enc"].device)
+
+
+def _flat_W_dec_norms(tensors: dict[str, torch.Tensor], cfg: _TreeFields) -> torch.Tensor:
+    rows = []
+    for level in range(cfg.n_levels):
+        if level == 0 or cfg.projection_rank is None:
+            rows.append(tensors[f"W_dec_l{level}"])
+        else:
+            rows.append(torch.einsum(
+                "pbr,prd->pbd", tensors[f"dec_codes_l{level}"], tensors[f"dec_basis_l{level}"]
+            ).flatten(0, 1))
+    return torch.cat(rows).norm(dim=-1).clamp(min=1e-8)
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------
+
+
+class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTrainingSAEConfig]):
+    """Training hierarchical SAE.
+
+    As SAELens's TopK SAEs do with `rescale_acts_by_decoder_norm`, activations are measured
+    in units of a unit-norm decoder: hidden_pre is scaled by ||W_dec[j]|| and decode uses
+    the normalised rows, so the scale of a decoder row cannot buy sparsity. Saving for
+    inference folds the norms into the encoder, leaving a plain linear decoder.
+    """
+
+    topk_threshold: torch.Tensor
+
+    def __init__(self, cfg: HierarchicalTrainingSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        # Double precision for the EMA, as SAELens's BatchTopK does.
+        self.register_buffer(
+            "topk_threshold",
+            torch.zeros(cfg.n_levels, dtype=torch.double, device=self.b_dec.device),
+        )
+
+    @override
+    def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
+        return {}
+
+    def _unit_W_dec(self) -> tuple[torch.Tensor, torch.Tensor]:
+        W_dec = self.W_dec
+        norms = W_dec.norm(dim=-1).clamp(min=1e-8)
+        return W_dec / norms.unsqueeze(-1), norms
+
+    def _select_train(self, level: int, acts: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+        k = self.cfg.k_per_level[level] if self.cfg.k_per_level else None
+        if self.cfg.variant == "topk":
+            return _topk_per_token(acts, int(k))
+        if self.cfg.variant == "relu":
+            return acts
+        # BatchTopK over the batch's flattened level: k_l per token on average.
+        flat = acts.flatten()
+        n_keep = min(int(k * acts.shape[:-1].numel()), flat.numel())
+        vals, idx = flat.topk(n_keep, sorted=False)
+        return torch.zeros_like(flat).scatter(-1, idx, vals).view_as(acts)
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        sae_in = self.process_sae_in(x)
+        unit_W_dec, norms = self._unit_W_dec()
+        hidden_pre = self.hook_sae_acts_pre((sae_in @ self.W_enc + self.b_enc) * norms)
+        acts = self.hook_sae_acts_post(
+            self._hierarchical_activation(hidden_pre, self._select_train)
+        )
+        return acts, hidden_pre, unit_W_dec
+
+    @override
+    def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        acts, hidden_pre, _ = self._encode(x)
+        return acts, hidden_pre
+
+    @override
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        unit_W_dec, _ = self._unit_W_dec()
+        sae_out = self.hook_sae_recons(feature_acts @ unit_W_dec + self.b_dec)
+        sae_out = self.run_time_activation_norm_fn_out(sae_out)
+        return self.reshape_fn_out(sae_out, self.d_head)
+
+    @override
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        cfg = self.cfg
+        x = step_input.sae_in
+        acts, hidden_pre, unit_W_dec = self._encode(x)
+        slices = self.level_slices
+        weights = cfg.level_recon_weights
+
+        # Prefix reconstructions x_hat_{<=l}: one decode split by level costs the same as one.
+        losses: dict[str, torch.Tensor] = {}
+        recon = self.b_dec.expand_as(x)
+        total = x.new_zeros(())
+        for level, sl in enumerate(slices):
+            recon = recon + acts[..., sl] @ unit_W_dec[sl]
+            err = (recon - x).pow(2).sum(-1).mean()
+            if level < cfg.n_levels - 1:
+                losses[f"prefix_mse_level_{level}"] = weights[level] * err
+            else:
+                mse = err
+            total = total + weights[level] * err
+        sae_out = self.hook_sae_recons(recon)
+        sae_out = self.run_time_activation_norm_fn_out(sae_out)
+        losses = {"mse_loss": mse, **losses}
+
+        zero = x.new_zeros(())
+        losses["kl_consistency_loss"] = (
+            cfg.kl_coefficient * level_kl(acts, cfg) if cfg.kl_coefficient > 0 else zero
+        )
+        losses["l2_consistency_loss"] = (
+            cfg.l2_coefficient * self._l2_consistency(acts, unit_W_dec)
+            if cfg.l2_coefficient > 0 else zero
+        )
+        if cfg.variant == "relu":
+            assert cfg.l1_per_level is not None
+            losses["l1_loss"] = sum(
+                (c * acts[..., sl].sum(-1).mean() for c, sl in zip(cfg.l1_per_level, slices)),
+                zero,
+            )
+        losses["auxiliary_reconstruction_loss"] = self._aux_loss(
+            x, recon, hidden_pre, unit_W_dec, step_input.dead_neuron_mask
+        )
+        # prefix terms are already in `total`; add the rest (not mse, not prefixes).
+        for name, value in losses.items():
+            if name != "mse_loss" and not name.startswith("prefix_mse"):
+                total = total + value
+
+        if cfg.variant == "batchtopk" and self.training:
+            self._update_thresholds(acts)
+        metrics: dict[str, Any] = {}
+        if step_input.is_logging_step:
+            with torch.no_grad():
+                for level, sl in enumerate(slices):
+                    metrics[f"l0_level_{level}"] = (acts[..., sl] > 0).sum(-1).float().mean().item()
+                    if cfg.variant == "batchtopk":
+                        metrics[f"threshold_level_{level}"] = self.topk_threshold[level].item()
+        return TrainStepOutput(
+            sae_in=x, sae_out=sae_out, feature_acts=acts, hidden_pre=hidden_pre,
+            loss=total, losses=losses, metrics=metrics,
+        )
+
+    @override
+    def calculate_aux_loss(self, step_input, feature_acts, hidden_pre, sae_out):  # type: ignore[override]
+        # training_forward_pass computes every term itself; kept for the abstract contract.
+        unit_W_dec, _ = self._unit_W_dec()
+        return {"auxiliary_reconstruction_loss": self._aux_loss(
+            step_input.sae_in, sae_out, hidden_pre, unit_W_dec, step_input.dead_neuron_mask)}
+
+    def _aux_loss(self, x, recon, hidden_pre, unit_W_dec, dead_mask) -> torch.Tensor:
+        """SAELens's aux-k: the top dead latents reconstruct the live latents' residual."""
+        if dead_mask is None or self.cfg.aux_loss_coefficient == 0:
+            return x.new_zeros(())
+        num_dead = int(dead_mask.sum())
+        if num_dead == 0:
+            return x.new_zeros(())
+        k_aux = self.cfg.aux_k or x.shape[-1] // 2
+        scale = min(num_dead / k_aux, 1.0)
+        aux_acts = calculate_topk_aux_acts(min(k_aux, num_dead), hidden_pre, dead_mask)
+        residual = (x - recon).detach()
+        aux = (aux_acts @ unit_W_dec - residual).pow(2).sum(-1).mean()
+        return self.cfg.aux_loss_coefficient * scale * aux
+
+    def _l2_consistency(self, acts: torch.Tensor, unit_W_dec: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        out = acts.new_zeros(())
+        for level in range(1, cfg.n_levels):
+            par, ch = self.level_slices[level - 1], self.level_slices[level]
+            b = cfg.branching[level - 1]
+            if cfg.l2_form == "decoder":
+                diff = unit_W_dec[ch].unflatten(0, (-1, b)) - unit_W_dec[par].unsqueeze(1)
+                out = out + diff.pow(2).sum(-1).mean()
+            else:  # Luo et al.: the parent's activation should equal its children's sum.
+                child_sum = acts[..., ch].unflatten(-1, (-1, b)).sum(-1)
+                out = out + (acts[..., par] - child_sum).pow(2).sum(-1).mean()
+        return out
+
+    @torch.no_grad()
+    def _update_thresholds(self, acts: torch.Tensor) -> None:
+        lr = self.cfg.topk_threshold_lr
+        with torch.autocast(self.topk_threshold.device.type, enabled=False):
+            for level, sl in enumerate(self.level_slices):
+                a = acts[..., sl]
+                pos = a[a > 0]
+                if pos.numel():
+                    self.topk_threshold[level] = (1 - lr) * self.topk_threshold[level] + lr * pos.min().double()
+
+    # --- folding and saving --------------------------------------------------------------
+    @override
+    @torch.no_grad()
+    def fold_W_dec_norm(self) -> None:
+        # Training activations are already in unit-decoder units, so folding the norms into
+        # the encoder changes nothing the model computes.
+        norms = self.get_W_dec_norm()
+        self._scale_latents_(norms, 1.0 / norms)
+        self.b_enc.data *= norms
+
+    @override
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        self._scale_input_space_(scaling_factor)
+        # Thresholds live in unit-decoder units, which shrink with the decoder by 1/s.
+        self.topk_threshold /= scaling_factor
+        self.cfg.normalize_activations = "none"
+
+    @override
+    @torch.no_grad()
+    def fold_activation_whitening(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("covariance_whitening is not supported by hierarchical SAEs yet")
+
+    @override
+    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        _training_to_inference_state(state_dict, self.cfg)
+
+    @override
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        # An inference directory (folded, per-latent thresholds) loads as a training SAE.
+        if "threshold" in state_dict and "topk_threshold" not in state_dict:
+            thr = state_dict.pop("threshold")
+            state_dict["topk_threshold"] = torch.stack(
+                [thr[sl.start] for sl in self.level_slices]
+            ).double()
+
+    @override
+    @torch.no_grad()
+    def log_histograms(self) -> dict[str, Any]:
+        hists = super().log_histograms()
+        norms = self.W_dec.detach().float().norm(dim=1)
+        for level, sl in enumerate(self.level_slices):
+            hists[f"weights/W_dec_norms_level_{level}"] = norms[sl].cpu().numpy()
+        return hists
+
+
+def level_kl(acts: torch.Tensor, cfg: _TreeFields, eps: float = 1e-6) -> torch.Tensor:
+    """KL(pi_l || pooled children) summed over parent levels, averaged over counted tokens.
+
+    acts are in unit-decoder units, so they are the activation mass a_j * ||W_dec[j]||.
+    pi_l is each token's distribution of mass over level l; the pooled distribution puts
+    the mass of level l+1 on its parents. Tokens with no mass on either side are skipped.
+    """
+    acts2 = acts.reshape(-1, acts.shape[-1])
+    slices = cfg.level_slices
+    total = acts2.new_zeros(())
+    for level in range(cfg.n_levels - 1):
+        b = cfg.branching[level]
+        parent_mass = acts2[:, slices[level]]
+        pooled = acts2[:, slices[level + 1]].unflatten(-1, (-1, b)).sum(-1)
+        ps, qs = parent_mass.sum(-1), pooled.sum(-1)
+        keep = (ps > 0) & (qs > 0)
+        if not keep.any():
+            continue
+        p = parent_mass[keep] / ps[keep].unsqueeze(-1)
+        q = pooled[keep] / qs[keep].unsqueeze(-1)
+        p = (p + eps) / (1 + eps * p.shape[-1])
+        q = (q + eps) / (1 + eps * q.shape[-1])
+        total = total + (p * (p.log() - q.log())).sum(-1).mean()
+    return total
