@@ -37,6 +37,7 @@ Every term is returned under its own name, so SAELens's trainer logs it as `loss
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -92,6 +93,12 @@ class _TreeFields:
     """Active latents per token in each level (batchtopk: on average); topk variants only."""
     projection_rank: int | None = 8
     """Rank r of each parent's learned subspace for its children; None = unfactored rows."""
+    # The next two are checked by the training config only. They live here so that a saved
+    # cfg.json holds them and TrainingSAE.load_from_disk(saved dir) rebuilds a valid config.
+    l1_per_level: list[float] | None = None
+    """L1 coefficient per level (variant "relu" only); must not decrease with level."""
+    allow_nonincreasing_sparsity: bool = False
+    """Opt out of the check that deeper levels are sparser (k_l/n_l decreasing)."""
 
     def _resolve_tree(self, d_in: int, d_sae: int) -> None:
         """Fill level_widths / n_roots / branching from whichever was given, then validate."""
@@ -208,10 +215,6 @@ class HierarchicalSAEConfig(_TreeFields, SAEConfig):
 class HierarchicalTrainingSAEConfig(_TreeFields, TrainingSAEConfig):
     """Training config of a hierarchical SAE: the tree plus every loss coefficient."""
 
-    l1_per_level: list[float] | None = None
-    """L1 coefficient per level (variant "relu" only); must not decrease with level."""
-    allow_nonincreasing_sparsity: bool = False
-    """Opt out of the check that deeper levels are sparser (k_l/n_l decreasing)."""
     level_recon_weights: list[float] | None = None
     """Weight w_l of the prefix reconstruction x_hat_{<=l}; the last is the full MSE's."""
     kl_coefficient: float = 0.0
@@ -228,6 +231,10 @@ class HierarchicalTrainingSAEConfig(_TreeFields, TrainingSAEConfig):
     """EMA rate of the per-level inference thresholds learned during batchtopk training."""
     child_init_parent_mix: float = 0.5
     """At init each child direction is this mix of its parent's direction and a random one."""
+    tree_fit_step: int | None = None
+    """Train ungated until this step, then move each child slot under the parent it co-fires with most."""
+    tree_fit_stat_steps: int = 100
+    """Steps just before tree_fit_step over which child/parent co-firing is counted."""
 
     @override
     @classmethod
@@ -258,6 +265,10 @@ class HierarchicalTrainingSAEConfig(_TreeFields, TrainingSAEConfig):
             raise _bad("child_init_parent_mix", self.child_init_parent_mix, "it must be in [0, 1]")
         if self.l2_form not in L2_FORMS:
             raise _bad("l2_form", self.l2_form, f"allowed: {', '.join(L2_FORMS)}")
+        if self.tree_fit_step is not None and self.tree_fit_step < 1:
+            raise _bad("tree_fit_step", self.tree_fit_step, "it must be None or >= 1")
+        if self.tree_fit_stat_steps < 1:
+            raise _bad("tree_fit_stat_steps", self.tree_fit_stat_steps, "it must be >= 1")
         if self.aux_k is not None and self.aux_k < 1:
             raise _bad("aux_k", self.aux_k, "it must be None or >= 1")
         if self.level_recon_weights is None:
@@ -500,14 +511,14 @@ class _HierarchicalMixin:
         return gated.flatten(-2)
 
     def _hierarchical_activation(
-        self, hidden_pre: torch.Tensor, select: Any
+        self, hidden_pre: torch.Tensor, select: Any, gated: bool = True
     ) -> torch.Tensor:
         """Run levels root-first: relu, gate by the parent level, then `select(level, acts)`."""
         outs: list[torch.Tensor] = []
         parent_on: torch.Tensor | None = None
         for level, sl in enumerate(self.level_slices):
             acts = hidden_pre[..., sl].relu()
-            if parent_on is not None:
+            if parent_on is not None and gated:
                 acts = self._gate(acts, parent_on)
             acts = select(level, acts, hidden_pre[..., sl])
             parent_on = (acts > 0).to(acts.dtype)
@@ -599,6 +610,13 @@ class HierarchicalSAE(_HierarchicalMixin, SAE[HierarchicalSAEConfig]):
 def _training_to_inference_state(state_dict: dict[str, Any], cfg: _TreeFields) -> None:
     """Fold decoder norms into the encoder and turn per-level thresholds into per-latent ones."""
     level_thresholds = state_dict.pop("topk_threshold")
+    fitted = state_dict.pop("tree_fitted", None)
+    if fitted is not None and not bool(fitted):
+        warnings.warn(
+            "this hierarchical SAE is saved before its tree_fit_step: it was trained ungated, "
+            "but inference always applies the parent gate",
+            stacklevel=2,
+        )
     names = [n for lv in range(cfg.n_levels) for n in _param_names(lv, cfg.projection_rank)]
     probe = {n: state_dict[n] for n in names}
     norms = _flat_W_dec_norms(probe, cfg)
@@ -646,6 +664,15 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
             "topk_threshold",
             torch.zeros(cfg.n_levels, dtype=torch.double, device=self.b_dec.device),
         )
+        # Whether the parent gate is on. Persistent, so a resumed run knows its phase.
+        self.register_buffer(
+            "tree_fitted",
+            torch.tensor(cfg.tree_fit_step is None, device=self.b_dec.device),
+        )
+        # Co-firing counts for tree fitting: plain attributes, not state (they are rebuilt
+        # during the counting window and dropped after the fit).
+        self._cofire: dict[int, torch.Tensor] = {}
+        self._fire: dict[int, torch.Tensor] = {}
 
     @override
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
@@ -672,9 +699,9 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
         sae_in = self.process_sae_in(x)
         unit_W_dec, norms = self._unit_W_dec()
         hidden_pre = self.hook_sae_acts_pre((sae_in @ self.W_enc + self.b_enc) * norms)
-        acts = self.hook_sae_acts_post(
-            self._hierarchical_activation(hidden_pre, self._select_train)
-        )
+        acts = self.hook_sae_acts_post(self._hierarchical_activation(
+            hidden_pre, self._select_train, gated=bool(self.tree_fitted)
+        ))
         return acts, hidden_pre, unit_W_dec
 
     @override
@@ -693,7 +720,15 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         cfg = self.cfg
         x = step_input.sae_in
+        fit_at = cfg.tree_fit_step
+        if fit_at is not None and not bool(self.tree_fitted) and step_input.n_training_steps >= fit_at:
+            # Before the forward pass: the weights move here, and autograd must not see it.
+            self.fit_tree()
         acts, hidden_pre, unit_W_dec = self._encode(x)
+        if fit_at is not None and not bool(self.tree_fitted) and (
+            step_input.n_training_steps >= fit_at - cfg.tree_fit_stat_steps
+        ):
+            self._count_cofiring(acts.detach())
         slices = self.level_slices
         weights = cfg.level_recon_weights
 
@@ -794,6 +829,63 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
                 if pos.numel():
                     self.topk_threshold[level] = (1 - lr) * self.topk_threshold[level] + lr * pos.min().double()
 
+    # --- tree fitting ----------------------------------------------------------------------
+    # A fixed tree says nothing about which learned feature lands in which slot. Trained
+    # ungated, every level learns features on its own (each with its own sparsity budget and
+    # prefix loss, as in a Matryoshka SAE); then each child slot is moved under the parent
+    # slot it co-fires with most (P(parent on | child on)), each parent taking exactly b
+    # children, and the gate is switched on.
+
+    @torch.no_grad()
+    def _count_cofiring(self, acts: torch.Tensor) -> None:
+        on = (acts.reshape(-1, acts.shape[-1]) > 0).float()
+        for level in range(1, self.n_levels):
+            child = on[:, self.level_slices[level]]
+            parent = on[:, self.level_slices[level - 1]]
+            co = child.T @ parent
+            if level in self._cofire:
+                self._cofire[level] += co
+                self._fire[level] += child.sum(0)
+            else:
+                self._cofire[level], self._fire[level] = co, child.sum(0)
+
+    @torch.no_grad()
+    def fit_tree(self) -> None:
+        """Re-seat child slots under the parents they co-fire with, top-down; gate from now on."""
+        for level in range(1, self.n_levels):
+            if level not in self._cofire:
+                continue  # no statistics (e.g. resumed after the window): keep the layout
+            score = self._cofire[level] / self._fire[level].clamp(min=1).unsqueeze(-1)
+            perm = capacity_assign(score, self.cfg.branching[level - 1])
+            self._permute_level(level, perm)
+            if level + 1 in self._cofire:  # the next level's parents just moved
+                self._cofire[level + 1] = self._cofire[level + 1][:, perm]
+        self._cofire, self._fire = {}, {}
+        self.tree_fitted.fill_(True)
+
+    @torch.no_grad()
+    def _permute_level(self, level: int, perm: torch.Tensor) -> None:
+        sl = self.level_slices[level]
+        self.b_enc.data[sl] = self.b_enc.data[sl][perm]
+        rows = self.level_W_dec(level)[perm]
+        cols = self.level_W_enc(level)[:, perm]
+        if self.cfg.projection_rank is None:
+            getattr(self, f"W_dec_l{level}").data.copy_(rows)
+            getattr(self, f"W_enc_l{level}").data.copy_(cols)
+            return
+        # Each parent's subspace is re-fitted to the children it now owns (exact when
+        # rank >= branching, the best rank-r fit otherwise).
+        b = self.cfg.branching[level - 1]
+        r = self.cfg.projection_rank
+        for kind, vecs in (("dec", rows.unflatten(0, (-1, b))), ("enc", cols.T.unflatten(0, (-1, b)))):
+            basis, codes = _fit_subspaces(vecs, r)  # [n_par, r, d], [n_par, b, r]
+            if kind == "dec":
+                getattr(self, f"dec_basis_l{level}").data.copy_(basis)
+                getattr(self, f"dec_codes_l{level}").data.copy_(codes)
+            else:
+                getattr(self, f"enc_basis_l{level}").data.copy_(basis.transpose(1, 2))
+                getattr(self, f"enc_codes_l{level}").data.copy_(codes.transpose(1, 2))
+
     # --- folding and saving --------------------------------------------------------------
     @override
     @torch.no_grad()
@@ -824,6 +916,7 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
         # An inference directory (folded, per-latent thresholds) loads as a training SAE.
+        state_dict.setdefault("tree_fitted", torch.tensor(True))
         if "threshold" in state_dict and "topk_threshold" not in state_dict:
             thr = state_dict.pop("threshold")
             state_dict["topk_threshold"] = torch.stack(
@@ -838,6 +931,48 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
         for level, sl in enumerate(self.level_slices):
             hists[f"weights/W_dec_norms_level_{level}"] = norms[sl].cpu().numpy()
         return hists
+
+
+def capacity_assign(score: torch.Tensor, b: int) -> torch.Tensor:
+    """Give each parent exactly b children, maximising the summed child->parent score.
+
+    score: [n_child, n_parent] with n_child = b * n_parent. Returns `perm` such that child
+    slot perm[i] moves to position i, i.e. parent i // b gets children perm[i*b:(i+1)*b].
+    Small problems are solved exactly (Hungarian, scipy); large ones greedily, best first.
+    """
+    n_child, n_par = score.shape
+    if n_child != b * n_par:
+        raise ValueError(f"capacity_assign: {n_child} children cannot fill {n_par} parents x {b}")
+    s = score.detach().double().cpu()
+    if n_child <= 1024:
+        from scipy.optimize import linear_sum_assignment
+
+        rows, cols = linear_sum_assignment(s.repeat_interleave(b, dim=1).numpy(), maximize=True)
+        parent_of = torch.as_tensor(cols // b)[torch.as_tensor(rows).argsort()]
+    else:
+        parent_of = torch.full((n_child,), -1, dtype=torch.long)
+        room = torch.full((n_par,), b, dtype=torch.long)
+        for c in s.max(1).values.argsort(descending=True).tolist():
+            row = s[c].masked_fill(room == 0, -float("inf"))
+            p = int(row.argmax())
+            parent_of[c] = p
+            room[p] -= 1
+    # stable sort by parent keeps each sibling group contiguous
+    return torch.sort(parent_of, stable=True).indices.to(score.device)
+
+
+def _fit_subspaces(vecs: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal basis [n, r, d] and codes [n, b, r] with codes @ basis ~= vecs [n, b, d]."""
+    n, b, d = vecs.shape
+    v = vecs.float()
+    if r >= b:
+        pad = torch.randn(n, d, r - b, device=v.device)
+        q = torch.linalg.qr(torch.cat([v.transpose(1, 2), pad], dim=2)).Q  # [n, d, r]
+        basis = q.transpose(1, 2)
+    else:
+        basis = torch.linalg.svd(v, full_matrices=False).Vh[:, :r]  # [n, r, d]
+    codes = v @ basis.transpose(1, 2)
+    return basis.to(vecs.dtype), codes.to(vecs.dtype)
 
 
 def level_kl(acts: torch.Tensor, cfg: _TreeFields, eps: float = 1e-6) -> torch.Tensor:

@@ -490,3 +490,83 @@ def test_loads_in_other_dtypes(dtype, tmp_path):
     out = _outputs(inf, inputs(8))
     assert out.dtype == getattr(torch, dtype) and torch.isfinite(out.float()).all()
 
+
+
+# ------------------------------------------------------------------- tree fitting
+
+from sae_lens_hierarchical.hierarchical_sae import capacity_assign  # noqa: E402
+
+
+@pytest.mark.parametrize("n_par, b", [(4, 4), (300, 4)])  # exact (Hungarian) and greedy paths
+def test_capacity_assign_recovers_a_planted_assignment(n_par, b):
+    g = torch.Generator().manual_seed(0)
+    true_parent = torch.randperm(n_par * b, generator=g) // b  # each parent owns exactly b
+    score = torch.rand(n_par * b, n_par, generator=g) * 0.3
+    score[torch.arange(n_par * b), true_parent] += 0.7
+    perm = capacity_assign(score, b)
+    assert sorted(perm.tolist()) == list(range(n_par * b))  # a permutation
+    new_parent = torch.arange(n_par * b) // b
+    assert torch.equal(true_parent[perm], new_parent)
+
+
+def test_capacity_assign_respects_capacity_when_everyone_wants_one_parent():
+    score = torch.zeros(8, 2)
+    score[:, 0] = 1.0
+    perm = capacity_assign(score, 4)
+    assert sorted(perm.tolist()) == list(range(8))
+    with pytest.raises(ValueError, match="cannot fill"):
+        capacity_assign(torch.zeros(7, 2), 4)
+
+
+@pytest.mark.parametrize("rank", RANKS)
+def test_fit_tree_reseats_children_under_their_cofiring_parents(rank):
+    sae = training_sae("topk", rank, tree_fit_step=5, tree_fit_stat_steps=1)
+    assert not bool(sae.tree_fitted)
+    warm_up(sae, 3)  # steps 0..2 of warm_up run with n_training_steps=0: ungated, no counting
+    x = inputs(256)
+    ungated = lambda: sae.decode(sae._hierarchical_activation(  # noqa: E731
+        sae.encode_with_hidden_pre(x)[1], sae._select_train, gated=False))
+    before = ungated()
+    rows_before = sae.W_dec.detach().clone()
+    # Plant co-firing: level-1 slot c fires with root true1[c]; level-2 slot c with level-1 slot true2[c].
+    g = torch.Generator().manual_seed(3)
+    true1 = torch.randperm(16, generator=g) // 4
+    true2 = torch.randperm(64, generator=g) // 4
+    acts = torch.zeros(64 * 4, D_SAE)
+    for t in range(64 * 4):
+        c2 = t % 64
+        c1 = int(true2[c2])
+        acts[t, 20 + c2] = 1.0
+        acts[t, 4 + c1] = 1.0
+        acts[t, int(true1[c1])] = 1.0
+    sae._count_cofiring(acts)
+    sae.fit_tree()
+    assert bool(sae.tree_fitted)
+    rows_after = sae.W_dec.detach()
+    # each old level-1 slot c now sits under root true1[c]; find where each row went
+    where1 = [int((rows_after[4:20] - rows_before[4 + c]).norm(dim=-1).argmin()) for c in range(16)]
+    assert [w // 4 for w in where1] == true1.tolist()
+    where2 = [int((rows_after[20:] - rows_before[20 + c]).norm(dim=-1).argmin()) for c in range(64)]
+    # old level-2 slot c must sit under the NEW position of its old level-1 parent
+    assert [w // 4 for w in where2] == [where1[int(p)] for p in true2]
+    # permuting slots within levels leaves the ungated model's function unchanged
+    torch.testing.assert_close(ungated(), before, atol=1e-4, rtol=1e-4)
+
+
+def test_training_switches_the_gate_on_at_tree_fit_step():
+    sae = training_sae("batchtopk", tree_fit_step=3, tree_fit_stat_steps=2)
+    x = inputs(256) * 3
+    from sae_lens.saes.sae import TrainStepInput
+
+    def run(t):
+        return sae.training_forward_pass(TrainStepInput(
+            sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=t, is_logging_step=False))
+
+    acts0 = run(0).feature_acts
+    assert _violations(acts0, sae.parent_index) > 0  # ungated phase: children fire freely
+    run(1)
+    run(2)
+    assert len(sae._cofire) == 2 and not bool(sae.tree_fitted)
+    acts3 = run(3).feature_acts
+    assert bool(sae.tree_fitted) and sae._cofire == {}
+    assert _violations(acts3, sae.parent_index) == 0
