@@ -1,0 +1,364 @@
+"""Ground-truth benchmark: do SAEs recover a known 3-level hierarchy? (DESIGN.md §3-4)
+
+Data: SAELens's synthetic model with a 3-level forest (mutually exclusive siblings, Zipfian
+firing, superposition: features > d) plus features outside any tree. Contestants, at the
+same width and matched L0, all trained through SAELens's `SyntheticSAERunner`:
+hierarchical, batchtopk, matryoshka_batchtopk, topk, standard. Metrics come from
+`sae_lens_hierarchical.metrics` and SAELens's synthetic eval.
+
+    python benchmarks/synthetic_hierarchy.py --profile quick      # CI smoke test (~1 min)
+    python benchmarks/synthetic_hierarchy.py --profile default    # CPU, < 30 min on 2 cores
+    python benchmarks/synthetic_hierarchy.py --profile gpu        # SynthSAEBench-16k, GPU
+
+Writes benchmarks/results/synthetic_<profile>.{json,md} and an EV-vs-L0 PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import sae_lens_hierarchical  # noqa: F401  (registers the architecture)
+from sae_lens import LoggingConfig
+from sae_lens.registry import get_sae_training_class
+from sae_lens.saes.sae import TrainStepInput
+from sae_lens.synthetic import (
+    HierarchyConfig,
+    OrthogonalizationConfig,
+    SyntheticModel,
+    SyntheticModelConfig,
+    ZipfianFiringProbabilityConfig,
+)
+from sae_lens.synthetic.synthetic_sae_runner import SyntheticSAERunner, SyntheticSAERunnerConfig
+from sae_lens_hierarchical import metrics as M
+
+RESULTS = Path(__file__).parent / "results"
+CONTESTANTS = ["hierarchical", "batchtopk", "matryoshka_batchtopk", "topk", "standard"]
+
+
+@dataclass
+class Profile:
+    n_roots: int
+    branching: int
+    n_free: int
+    hidden_dim: int
+    training_samples: int
+    seeds: list[int]
+    shapes: list[str]
+    l0_factors: list[float]
+    eval_samples: int = 20_000
+    batch_size: int = 1024
+    lr: float = 3e-3
+    min_prob: float = 0.005
+    max_prob: float = 0.3
+    device: str = "cpu"
+    hsae: dict[str, Any] = field(default_factory=dict)
+
+
+PROFILES = {
+    "quick": Profile(n_roots=4, branching=3, n_free=8, hidden_dim=24, training_samples=40_000,
+                     seeds=[0], shapes=["match"], l0_factors=[1.0], eval_samples=5_000),
+    "default": Profile(n_roots=16, branching=4, n_free=48, hidden_dim=64, training_samples=300_000,
+                       seeds=[0, 1, 2], shapes=["match", "wider", "narrower"],
+                       l0_factors=[0.67, 1.0, 1.5]),
+    # SynthSAEBench-16k shape (Chanin & Garriga-Alonso 2026): 16,384 features, d=768,
+    # 128 roots x 4 x depth 3, SAE width 4096 at L0 ~ 25.
+    "gpu": Profile(n_roots=128, branching=4, n_free=16_384 - 128 * 85, hidden_dim=768,
+                   training_samples=100_000_000, seeds=[0, 1, 2], shapes=["match"],
+                   l0_factors=[1.0], eval_samples=200_000, batch_size=4096, lr=3e-4,
+                   min_prob=5e-4, max_prob=0.4, device="cuda"),
+}
+
+
+def tree_widths(n_roots: int, branching: list[int]) -> list[int]:
+    widths = [n_roots]
+    for b in branching:
+        widths.append(widths[-1] * b)
+    return widths
+
+
+def sae_shape(p: Profile, shape: str) -> list[int]:
+    """The SAE's tree: the truth's shape, wider (more roots) or narrower (less branching)."""
+    if shape == "match":
+        return tree_widths(p.n_roots, [p.branching, p.branching])
+    if shape == "wider":
+        return tree_widths(p.n_roots * 3 // 2, [p.branching, p.branching])
+    if shape == "narrower":
+        return tree_widths(p.n_roots, [max(p.branching - 1, 1)] * 2)
+    raise ValueError(f"shape={shape!r}; allowed: match, wider, narrower")
+
+
+def synthetic_model_cfg(p: Profile, seed: int) -> SyntheticModelConfig:
+    n_tree = sum(tree_widths(p.n_roots, [p.branching, p.branching]))
+    return SyntheticModelConfig(
+        num_features=n_tree + p.n_free, hidden_dim=p.hidden_dim,
+        firing_probability=ZipfianFiringProbabilityConfig(exponent=0.5, max_prob=p.max_prob, min_prob=p.min_prob),
+        hierarchy=HierarchyConfig(total_root_nodes=p.n_roots, branching_factor=p.branching, max_depth=2,
+                                  mutually_exclusive_portion=1.0, compensate_probabilities=True),
+        orthogonalization=OrthogonalizationConfig(num_steps=100),
+        std_firing_magnitudes=0.1, mean_firing_magnitudes=1.0, bias=False, seed=seed,
+    )
+
+
+def sae_cfg(contestant: str, widths: list[int], l0: float, level_l0: list[float], d: int, hsae: dict[str, Any]):
+    """The contestant's SAELens training config at total width sum(widths) and L0 ~ l0."""
+    d_sae = sum(widths)
+    cls = get_sae_training_class(contestant)[1]
+    if contestant == "hierarchical":
+        scale = l0 / sum(level_l0)
+        k = [max(0.5, round(x * scale, 2)) for x in level_l0]
+        k = [min(kk, w) for kk, w in zip(k, widths)]
+        kw = dict(level_widths=widths, k_per_level=k, allow_nonincreasing_sparsity=True)
+        kw.update(hsae)
+        return cls(d_in=d, d_sae=d_sae, **kw)
+    if contestant == "batchtopk":
+        return cls(d_in=d, d_sae=d_sae, k=l0)
+    if contestant == "matryoshka_batchtopk":
+        cum = [sum(widths[: i + 1]) for i in range(len(widths))]
+        return cls(d_in=d, d_sae=d_sae, k=l0, matryoshka_widths=cum)
+    if contestant == "topk":
+        return cls(d_in=d, d_sae=d_sae, k=max(1, round(l0)))
+    if contestant == "standard":
+        # L1 does not fix L0; this coefficient lands near the default L0 on this data.
+        return cls(d_in=d, d_sae=d_sae, l1_coefficient=2.0 * 6.0 / max(l0, 1.0))
+    raise ValueError(f"contestant={contestant!r}; allowed: {', '.join(CONTESTANTS)}")
+
+
+def true_level_l0(synth: SyntheticModel, levels: torch.Tensor, n: int = 20_000) -> list[float]:
+    _, feats = synth.sample_with_features(n)
+    on = (feats > 0).float()
+    return [on[:, levels == lv].sum(-1).mean().item() for lv in range(3)]
+
+
+def step_cost(sae, d: int, batch: int, device: str, n: int = 20) -> dict[str, float]:
+    """Seconds per SAE training step (forward, backward, Adam) on a fixed batch, and peak memory."""
+    sae = copy.deepcopy(sae).train()
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    x = torch.randn(batch, d, device=device)
+    dead = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+    def one() -> None:
+        out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={"l1": 1.0},
+                                                       dead_neuron_mask=dead, n_training_steps=0,
+                                                       is_logging_step=False))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        one()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        one()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    out = {"sec_per_step": (time.perf_counter() - t) / n}
+    if device.startswith("cuda"):
+        out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        # Parameters + Adam moments + gradients: the part that differs between contestants.
+        out["peak_mem_mb"] = 4 * sum(p.numel() * p.element_size() for p in sae.parameters()) / 2**20
+    return out
+
+
+def evaluate(sae, synth: SyntheticModel, gt_parent: torch.Tensor, gt_levels: torch.Tensor,
+             n: int, device: str) -> dict[str, Any]:
+    """Tree metrics on held-out samples: native tree for HSAEs, post-hoc tree for flat SAEs."""
+    sae.eval()
+    with torch.no_grad():
+        x, feats = synth.sample_with_features(n)
+        acts = torch.cat([sae.encode(xb.to(device)) for xb in x.split(4096)]).cpu()
+        W_dec = sae.W_dec.detach().float().cpu()
+    native = hasattr(sae, "parent_index")
+    parent = sae.parent_index.cpu() if native else M.posthoc_tree(acts)
+    latent_for_feature, cos = M.match_latents_to_features(W_dec, synth.feature_dict.feature_vectors.detach().float().cpu())
+    tree = gt_levels >= 0
+    cons = M.hierarchical_consistency(acts, parent)
+    plm = M.per_level_mcc(W_dec, synth.feature_dict.feature_vectors.detach().float().cpu(), gt_levels)
+    return {
+        "edge_recall": M.edge_recall(gt_parent, parent, latent_for_feature),
+        "edge_recall_ancestor": M.edge_recall(gt_parent, parent, latent_for_feature, allow_ancestor=True),
+        "absorption_gap": M.mean_absorption_gap(acts, feats, gt_parent, latent_for_feature),
+        "hcs": cons["hcs"],
+        "necessity": cons["necessity"],
+        "coverage": cons["coverage"],
+        "mcc_tree_features": cos[tree].mean().item(),
+        **{f"mcc_level_{k}": v for k, v in plm.items() if k != "all"},
+    }
+
+
+def run_one(p: Profile, contestant: str, shape: str, seed: int, l0_factor: float) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    smc = synthetic_model_cfg(p, seed)
+    synth = SyntheticModel(smc, device=p.device)
+    n_tree = sum(tree_widths(p.n_roots, [p.branching, p.branching]))
+    gt_parent = M.parent_index_from_hierarchy(synth.hierarchy.roots, smc.num_features)
+    gt_levels = M.tree_levels(gt_parent)
+    gt_levels[n_tree:] = -1  # features outside any tree (they are roots with no children)
+    level_l0 = true_level_l0(synth, gt_levels)
+    widths = sae_shape(p, shape)
+    # The SAE also needs room for the free features: give them to the leaves' level budget.
+    l0 = (sum(level_l0) + 0.0) * l0_factor
+    cfg = sae_cfg(contestant, widths, l0, level_l0, p.hidden_dim, p.hsae)
+    runner_cfg = SyntheticSAERunnerConfig(
+        synthetic_model=smc, sae=cfg, training_samples=p.training_samples, batch_size=p.batch_size,
+        lr=p.lr, device=p.device, eval_samples=p.eval_samples, checkpoint_path=None, output_path=None,
+        logger=LoggingConfig(log_to_wandb=False), dead_feature_window=200,
+    )
+    torch.manual_seed(seed)
+    t = time.perf_counter()
+    res = SyntheticSAERunner(runner_cfg, override_synthetic_model=synth).run()
+    train_s = time.perf_counter() - t
+    fe = res.final_eval
+    row = {
+        "contestant": contestant, "shape": shape, "seed": seed, "l0_factor": l0_factor,
+        "d_sae": sum(widths), "widths": widths, "target_l0": l0, "true_l0": fe.true_l0,
+        "l0": fe.sae_l0, "explained_variance": fe.explained_variance, "mcc": fe.mcc,
+        "f1": fe.classification.f1_score, "dead": fe.dead_latents, "train_seconds": train_s,
+    }
+    row.update(evaluate(res.sae, synth, gt_parent, gt_levels, p.eval_samples, p.device))
+    row.update(step_cost(res.sae, p.hidden_dim, p.batch_size, p.device))
+    return row
+
+
+# ------------------------------------------------------------------------- reporting
+
+TABLE_COLS = ["f1", "mcc", "edge_recall", "absorption_gap", "explained_variance", "l0", "dead",
+              "hcs", "mcc_level_0", "mcc_level_1", "mcc_level_2", "sec_per_step", "peak_mem_mb"]
+
+
+def _fmt(vals: list[float]) -> str:
+    vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return "–"
+    m = statistics.fmean(vals)
+    if len(vals) == 1:
+        return f"{m:.3g}"
+    return f"{m:.3g} ± {statistics.stdev(vals):.2g}"
+
+
+def summarise(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        for factor in sorted({r["l0_factor"] for r in rows if r["shape"] == shape}):
+            sel = [r for r in rows if r["shape"] == shape and r["l0_factor"] == factor]
+            lines.append(f"\n### shape `{shape}`, L0 factor {factor} (widths {sel[0]['widths']})\n")
+            lines.append("| contestant | " + " | ".join(TABLE_COLS) + " |")
+            lines.append("|---" * (len(TABLE_COLS) + 1) + "|")
+            for c in dict.fromkeys(r["contestant"] for r in sel):
+                rs = [r for r in sel if r["contestant"] == c]
+                lines.append(f"| {c} (n={len(rs)}) | " + " | ".join(_fmt([r.get(k) for r in rs]) for k in TABLE_COLS) + " |")
+    return "\n".join(lines)
+
+
+def plot_ev_vs_l0(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sel = [r for r in rows if r["shape"] == "match"]
+    for c in dict.fromkeys(r["contestant"] for r in sel):
+        pts = {}
+        for r in sel:
+            if r["contestant"] == c:
+                pts.setdefault(r["l0_factor"], []).append((r["l0"], r["explained_variance"]))
+        xs = [statistics.fmean(a for a, _ in v) for _, v in sorted(pts.items())]
+        ys = [statistics.fmean(b for _, b in v) for _, v in sorted(pts.items())]
+        ax.plot(xs, ys, marker="o", label=c)
+    ax.set_xlabel("L0")
+    ax.set_ylabel("explained variance")
+    ax.set_title("Synthetic hierarchy: explained variance vs L0 (shape match)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    import os
+
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}, torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="default")
+    ap.add_argument("--quick", action="store_true", help="alias for --profile quick")
+    ap.add_argument("--contestants", nargs="+", default=CONTESTANTS, choices=CONTESTANTS)
+    ap.add_argument("--seeds", nargs="+", type=int, help="override the profile's seeds")
+    ap.add_argument("--shapes", nargs="+", choices=["match", "wider", "narrower"])
+    ap.add_argument("--l0-factors", nargs="+", type=float, help="override the profile's L0 sweep")
+    ap.add_argument("--samples", type=int, help="override the profile's training samples")
+    ap.add_argument("--hsae", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a hierarchical config field (YAML value), e.g. --hsae kl_coefficient=0")
+    ap.add_argument("--tag", default="", help="suffix for the result files (ablations)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    import yaml
+
+    name = "quick" if args.quick else args.profile
+    p = copy.deepcopy(PROFILES[name])
+    if args.seeds:
+        p.seeds = args.seeds
+    if args.shapes:
+        p.shapes = args.shapes
+    if args.l0_factors:
+        p.l0_factors = args.l0_factors
+    if args.samples:
+        p.training_samples = args.samples
+    for item in args.hsae:
+        k, v = item.split("=", 1)
+        p.hsae[k] = yaml.safe_load(v)
+    if p.device == "cuda" and not torch.cuda.is_available():
+        print("profile needs a GPU; none is available", file=sys.stderr)
+        return 2
+
+    rows = []
+    jobs = [(c, s, seed, f) for s in p.shapes for f in p.l0_factors for seed in p.seeds for c in args.contestants
+            if f == 1.0 or seed == p.seeds[0]]  # the L0 sweep uses one seed
+    from tqdm.auto import tqdm
+
+    for c, s, seed, f in tqdm(jobs, desc="benchmark runs"):
+        row = run_one(p, c, s, seed, f)
+        rows.append(row)
+        tqdm.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"synthetic_{name}{('_' + args.tag) if args.tag else ''}"
+    meta = {"profile": name, "machine": machine(), "hsae_overrides": p.hsae,
+            "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    md = (f"# Synthetic hierarchy benchmark: `{name}`\n\nMachine: {meta['machine']}. Date: {meta['date']}.\n"
+          f"Command: `{meta['command']}`\n\nMean ± sd over seeds (L0 sweep points: one seed). "
+          f"sec_per_step: one SAE training step (forward+backward+Adam) on a fixed batch of "
+          f"{p.batch_size}; peak_mem_mb: {'CUDA peak' if p.device == 'cuda' else 'params+grads+Adam state'}.\n"
+          + summarise(rows) + "\n")
+    (args.out / f"{stem}.md").write_text(md)
+    if len(p.l0_factors) > 1:
+        plot_ev_vs_l0(rows, args.out / f"{stem}_ev_vs_l0.png")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
