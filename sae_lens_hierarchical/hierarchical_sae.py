@@ -231,6 +231,8 @@ class HierarchicalTrainingSAEConfig(_TreeFields, TrainingSAEConfig):
     """EMA rate of the per-level inference thresholds learned during batchtopk training."""
     child_init_parent_mix: float = 0.5
     """At init each child direction is this mix of its parent's direction and a random one."""
+    aux_within_parent: bool = False
+    """Aux-k revives a dead child only on tokens where its parent is active."""
     tree_fit_step: int | None = None
     """Train ungated until this step, then move each child slot under the parent it co-fires with most."""
     tree_fit_stat_steps: int = 100
@@ -763,7 +765,7 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
                 zero,
             )
         losses["auxiliary_reconstruction_loss"] = self._aux_loss(
-            x, recon, hidden_pre, unit_W_dec, step_input.dead_neuron_mask
+            x, recon, hidden_pre, unit_W_dec, step_input.dead_neuron_mask, acts
         )
         # prefix terms are already in `total`; add the rest (not mse, not prefixes).
         for name, value in losses.items():
@@ -791,7 +793,7 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
         return {"auxiliary_reconstruction_loss": self._aux_loss(
             step_input.sae_in, sae_out, hidden_pre, unit_W_dec, step_input.dead_neuron_mask)}
 
-    def _aux_loss(self, x, recon, hidden_pre, unit_W_dec, dead_mask) -> torch.Tensor:
+    def _aux_loss(self, x, recon, hidden_pre, unit_W_dec, dead_mask, acts=None) -> torch.Tensor:
         """SAELens's aux-k: the top dead latents reconstruct the live latents' residual."""
         if dead_mask is None or self.cfg.aux_loss_coefficient == 0:
             return x.new_zeros(())
@@ -800,10 +802,30 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
             return x.new_zeros(())
         k_aux = self.cfg.aux_k or x.shape[-1] // 2
         scale = min(num_dead / k_aux, 1.0)
-        aux_acts = calculate_topk_aux_acts(min(k_aux, num_dead), hidden_pre, dead_mask)
+        if self.cfg.aux_within_parent and bool(self.tree_fitted):
+            aux_acts = self._aux_acts_within_parent(min(k_aux, num_dead), hidden_pre, dead_mask, acts)
+        else:
+            aux_acts = calculate_topk_aux_acts(min(k_aux, num_dead), hidden_pre, dead_mask)
         residual = (x - recon).detach()
         aux = (aux_acts @ unit_W_dec - residual).pow(2).sum(-1).mean()
         return self.cfg.aux_loss_coefficient * scale * aux
+
+    def _aux_acts_within_parent(self, k_aux, hidden_pre, dead_mask, acts) -> torch.Tensor:
+        """Aux-k restricted to dead latents whose parent is on for that token.
+
+        A dead child is revived on the tokens where it could actually fire (its parent is
+        active), so it learns what is missing under its own parent, not anywhere.
+        """
+        allowed = torch.ones_like(hidden_pre, dtype=torch.bool)
+        for level in range(1, self.n_levels):
+            parent_on = acts[..., self.level_slices[level - 1]] > 0
+            allowed[..., self.level_slices[level]] = parent_on.repeat_interleave(
+                self.cfg.branching[level - 1], dim=-1
+            )
+        cand = torch.where(dead_mask & allowed, hidden_pre, -torch.inf)
+        top = cand.topk(k_aux, dim=-1, sorted=False)
+        vals = torch.where(torch.isfinite(top.values), top.values, 0.0)
+        return torch.zeros_like(hidden_pre).scatter(-1, top.indices, vals)
 
     def _l2_consistency(self, acts: torch.Tensor, unit_W_dec: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg

@@ -570,3 +570,20 @@ def test_training_switches_the_gate_on_at_tree_fit_step():
     acts3 = run(3).feature_acts
     assert bool(sae.tree_fitted) and sae._cofire == {}
     assert _violations(acts3, sae.parent_index) == 0
+
+
+def test_aux_within_parent_only_revives_children_whose_parent_is_on():
+    sae = training_sae("topk", aux_within_parent=True)
+    x = inputs(128) * 3
+    out = step(sae, x)
+    acts, pre = out.feature_acts, out.hidden_pre
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[4:20] = True  # every level-1 latent counts as dead
+    aux = sae._aux_acts_within_parent(8, pre, dead, acts)
+    chosen = aux != 0
+    assert chosen[:, :4].sum() == 0 and chosen[:, 20:].sum() == 0  # only dead latents
+    parent_on = (acts[:, :4] > 0).repeat_interleave(4, dim=-1)
+    assert chosen[:, 4:20].sum() > 0
+    assert not (chosen[:, 4:20] & ~parent_on).any()  # never under an inactive parent
+    # a token whose roots are all off gets no aux activations at all (no -inf leaks)
+    assert torch.isfinite(aux).all()
