@@ -118,13 +118,15 @@ def check_loaded_state(module: nn.Module, state_dict: dict[str, Any], skip: tupl
             )
 
 
-def _pop_cofire(state_dict: dict[str, Any]) -> tuple[dict[int, Any], dict[int, Any]]:
-    """Take the tree-fit co-firing counts a mid-window checkpoint carries out of a state dict."""
+def _pop_checkpoint_extras(state_dict: dict[str, Any]) -> tuple[dict[int, Any], dict[int, Any], int | None]:
+    """Take what only training checkpoints carry out of a state dict: the tree-fit co-firing
+    counts (inside the counting window) and the number of steps trained."""
     cofire = {int(k[len("_cofire_l"):]): state_dict.pop(k) for k in list(state_dict)
               if k.startswith("_cofire_l")}
     fire = {int(k[len("_fire_l"):]): state_dict.pop(k) for k in list(state_dict)
             if k.startswith("_fire_l")}
-    return cofire, fire
+    steps = state_dict.pop("_train_steps", None)
+    return cofire, fire, (None if steps is None else int(steps))
 
 
 # ---------------------------------------------------------------------------------------
@@ -674,7 +676,7 @@ class HierarchicalSAE(_HierarchicalMixin, SAE[HierarchicalSAEConfig]):
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
         # A training checkpoint keeps unfolded decoder norms and per-level thresholds:
         # convert it to the inference form so SAE.load_from_disk(checkpoint) is exact.
-        _pop_cofire(state_dict)  # tree-fit counts of a mid-window checkpoint: training only
+        _pop_checkpoint_extras(state_dict)  # training-only state of a checkpoint
         if "topk_threshold" in state_dict:
             check_loaded_state(self, state_dict, skip=("threshold", "topk_threshold", "tree_fitted"))
             if tuple(state_dict["topk_threshold"].shape) != (self.cfg.n_levels,):
@@ -754,6 +756,10 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
         # during the counting window and dropped after the fit).
         self._cofire: dict[int, torch.Tensor] = {}
         self._fire: dict[int, torch.Tensor] = {}
+        # Steps trained, and the correction from SAELens's step label to it (see _step).
+        self._steps_done = 0
+        self._step_offset = 0
+        self._loaded_steps: int | None = None
 
     @override
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
@@ -801,13 +807,14 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         cfg = self.cfg
         x = step_input.sae_in
+        n_step = self._step(step_input.n_training_steps)
         fit_at = cfg.tree_fit_step
-        if fit_at is not None and not bool(self.tree_fitted) and step_input.n_training_steps >= fit_at:
+        if fit_at is not None and not bool(self.tree_fitted) and n_step >= fit_at:
             # Before the forward pass: the weights move here, and autograd must not see it.
             self.fit_tree()
         acts, hidden_pre, unit_W_dec = self._encode(x)
         if fit_at is not None and not bool(self.tree_fitted) and (
-            step_input.n_training_steps >= fit_at - cfg.tree_fit_stat_steps
+            n_step >= fit_at - cfg.tree_fit_stat_steps
         ):
             self._count_cofiring(acts.detach())
         slices = self.level_slices
@@ -855,8 +862,9 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
         # move: NaN/inf inputs or losses stop training with the step and the culprit named.
         if not bool(torch.isfinite(x).all() & torch.isfinite(total)):
             raise NonFiniteTrainingError(
-                _non_finite_message(x, losses, total, step_input.n_training_steps)
+                _non_finite_message(x, losses, total, n_step)
             )
+        self._steps_done = n_step + 1
         if cfg.variant == "batchtopk" and self.training:
             self._update_thresholds(acts)
         metrics: dict[str, Any] = {}
@@ -932,9 +940,12 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
         with torch.autocast(self.topk_threshold.device.type, enabled=False):
             for level, sl in enumerate(self.level_slices):
                 a = acts[..., sl]
-                pos = a[a > 0]
-                if pos.numel():
-                    self.topk_threshold[level] = (1 - lr) * self.topk_threshold[level] + lr * pos.min().double()
+                # min over positive entries without a data-dependent gather (no nonzero/sync)
+                min_pos = torch.where(a > 0, a, torch.inf).min().double()
+                old = self.topk_threshold[level]
+                self.topk_threshold[level] = torch.where(
+                    torch.isfinite(min_pos), (1 - lr) * old + lr * min_pos, old
+                )
 
     # --- tree fitting ----------------------------------------------------------------------
     # A fixed tree says nothing about which learned feature lands in which slot. Trained
@@ -1021,8 +1032,22 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         _training_to_inference_state(state_dict, self.cfg)
 
+    def _step(self, label: int) -> int:
+        """This step's index: SAELens's label, corrected once after loading a checkpoint.
+
+        SAELens (6.54) saves its step counter in a checkpoint before incrementing it, so a
+        resumed run labels each step one lower than the uninterrupted run did. A checkpoint
+        also records the steps this SAE completed; the first step after loading it derives
+        the offset, so tree fitting happens at the same step with or without a resume.
+        """
+        if self._loaded_steps is not None:
+            self._step_offset = self._loaded_steps - label
+            self._loaded_steps = None
+        return label + self._step_offset
+
     @override
     def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
+        state_dict["_train_steps"] = torch.tensor(self._steps_done, dtype=torch.long)
         # A checkpoint taken inside the tree-fit counting window keeps the counts, so a run
         # resumed from it fits the same tree as an uninterrupted one.
         for level, co in self._cofire.items():
@@ -1031,9 +1056,11 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
 
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
-        cofire, fire = _pop_cofire(state_dict)
+        cofire, fire, steps = _pop_checkpoint_extras(state_dict)
         if cofire:
             self._cofire, self._fire = cofire, fire
+        if steps is not None:
+            self._loaded_steps = steps
         # An inference directory (folded, per-latent thresholds) loads as a training SAE.
         state_dict.setdefault("tree_fitted", torch.tensor(True))
         if "threshold" in state_dict and "topk_threshold" not in state_dict:
