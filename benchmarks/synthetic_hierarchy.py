@@ -69,9 +69,12 @@ class Profile:
 PROFILES = {
     "quick": Profile(n_roots=4, branching=3, n_free=8, hidden_dim=24, training_samples=40_000,
                      seeds=[0], shapes=["match"], l0_factors=[1.0], eval_samples=5_000),
-    "default": Profile(n_roots=16, branching=4, n_free=48, hidden_dim=64, training_samples=300_000,
+    "default": Profile(n_roots=8, branching=4, n_free=24, hidden_dim=32, training_samples=500_000,
                        seeds=[0, 1, 2], shapes=["match", "wider", "narrower"],
                        l0_factors=[0.67, 1.0, 1.5]),
+    # The bench config's problem (16 x 4 x 4 + 48 free features in 64 dims), 1M samples.
+    "large": Profile(n_roots=16, branching=4, n_free=48, hidden_dim=64, training_samples=1_000_000,
+                     seeds=[0, 1, 2], shapes=["match"], l0_factors=[1.0]),
     # SynthSAEBench-16k shape (Chanin & Garriga-Alonso 2026): 16,384 features, d=768,
     # 128 roots x 4 x depth 3, SAE width 4096 at L0 ~ 25.
     "gpu": Profile(n_roots=128, branching=4, n_free=16_384 - 128 * 85, hidden_dim=768,
