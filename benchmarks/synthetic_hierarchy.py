@@ -206,7 +206,9 @@ def evaluate(sae, synth: SyntheticModel, gt_parent: torch.Tensor, gt_levels: tor
     }
 
 
-def run_one(p: Profile, contestant: str, shape: str, seed: int, l0_factor: float) -> dict[str, Any]:
+def run_one(p: Profile, contestant: str, shape: str, seed: int, l0_factor: float,
+            label: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train one contestant; `label`/`overrides` make an ablation of the hierarchical SAE."""
     torch.manual_seed(seed)
     smc = synthetic_model_cfg(p, seed)
     synth = SyntheticModel(smc, device=p.device)
@@ -218,7 +220,7 @@ def run_one(p: Profile, contestant: str, shape: str, seed: int, l0_factor: float
     widths = sae_shape(p, shape)
     # The SAE also needs room for the free features: give them to the leaves' level budget.
     l0 = (sum(level_l0) + 0.0) * l0_factor
-    cfg = sae_cfg(contestant, widths, l0, level_l0, p.hidden_dim, p.hsae)
+    cfg = sae_cfg(contestant, widths, l0, level_l0, p.hidden_dim, {**p.hsae, **(overrides or {})})
     runner_cfg = SyntheticSAERunnerConfig(
         synthetic_model=smc, sae=cfg, training_samples=p.training_samples, batch_size=p.batch_size,
         lr=p.lr, device=p.device, eval_samples=p.eval_samples, checkpoint_path=None, output_path=None,
@@ -230,7 +232,7 @@ def run_one(p: Profile, contestant: str, shape: str, seed: int, l0_factor: float
     train_s = time.perf_counter() - t
     fe = res.final_eval
     row = {
-        "contestant": contestant, "shape": shape, "seed": seed, "l0_factor": l0_factor,
+        "contestant": label or contestant, "shape": shape, "seed": seed, "l0_factor": l0_factor,
         "d_sae": sum(widths), "widths": widths, "target_l0": l0, "true_l0": fe.true_l0,
         "l0": fe.sae_l0, "explained_variance": fe.explained_variance, "mcc": fe.mcc,
         "f1": fe.classification.f1_score, "dead": fe.dead_latents, "train_seconds": train_s,
@@ -245,7 +247,8 @@ def _worker(args: tuple) -> dict[str, Any]:
     return run_one(*args)
 
 
-def step_costs(p: Profile, contestants: list[str], rounds: int = 5) -> dict[str, dict[str, float]]:
+def step_costs(p: Profile, contestants: list[str], ablations: dict[str, dict[str, Any]] | None = None,
+               rounds: int = 5) -> dict[str, dict[str, float]]:
     """Seconds per training step of each contestant, measured side by side in one process.
 
     Freshly initialised SAEs of the benchmark's configs (the dense compute does not depend
@@ -255,10 +258,11 @@ def step_costs(p: Profile, contestants: list[str], rounds: int = 5) -> dict[str,
     widths = sae_shape(p, "match")
     level_l0 = [1.0, 1.5, 2.0]
     saes = {}
-    for c in contestants:
-        cfg = sae_cfg(c, widths, sum(level_l0), level_l0, p.hidden_dim, p.hsae)
+    named = [(c, c, {}) for c in contestants] + [(lab, "hierarchical", ov) for lab, ov in (ablations or {}).items()]
+    for label, c, ov in named:
+        cfg = sae_cfg(c, widths, sum(level_l0), level_l0, p.hidden_dim, {**p.hsae, **ov})
         cfg.device = p.device
-        saes[c] = get_sae_training_class(c)[0](cfg).to(p.device)
+        saes[label] = get_sae_training_class(c)[0](cfg).to(p.device)
     best: dict[str, dict[str, float]] = {}
     for _ in range(rounds):
         for c, sae in saes.items():
@@ -346,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, help="override the profile's training samples")
     ap.add_argument("--hsae", action="append", default=[], metavar="KEY=VALUE",
                     help="override a hierarchical config field (YAML value), e.g. --hsae kl_coefficient=0")
+    ap.add_argument("--ablation", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                    help="add a hierarchical variant as its own row (shape match, L0 factor 1), "
+                         "e.g. --ablation kl:kl_coefficient=0.1")
     ap.add_argument("--jobs", type=int, default=2, help="training runs in parallel (one thread each)")
     ap.add_argument("--tag", default="", help="suffix for the result files (ablations)")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -372,6 +379,13 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(p, c, s, seed, f) for s in p.shapes for f in p.l0_factors for seed in p.seeds
             for c in args.contestants
             if f == 1.0 or (seed == p.seeds[0] and s == "match")]  # the L0 sweep: one seed, one shape
+    ablations = {}
+    for item in args.ablation:  # NAME:KEY=VALUE,KEY=VALUE
+        name, _, spec = item.partition(":")
+        ablations[f"hierarchical[{name}]"] = {
+            k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in spec.split(",") if kv)}
+    jobs += [(p, "hierarchical", "match", seed, 1.0, label, ov)
+             for label, ov in ablations.items() for seed in p.seeds]
     from concurrent.futures import ProcessPoolExecutor, as_completed
     import multiprocessing as mp
 
@@ -384,9 +398,9 @@ def main(argv: list[str] | None = None) -> int:
             row = fut.result()
             rows.append(row)
             tqdm.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
-    order = {j[1:]: i for i, j in enumerate(jobs)}
+    order = {((j[5] if len(j) > 5 else j[1]),) + tuple(j[2:5]): i for i, j in enumerate(jobs)}
     rows.sort(key=lambda r: order[(r["contestant"], r["shape"], r["seed"], r["l0_factor"])])
-    costs = step_costs(p, args.contestants)
+    costs = step_costs(p, list(dict.fromkeys(args.contestants + ["batchtopk"])), ablations)
     for r in rows:
         r.update(costs[r["contestant"]])
 
