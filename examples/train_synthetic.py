@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> None:
         training_samples=args.samples or s["training_samples"], batch_size=s["batch_size"],
         lr=args.lr, eval_samples=s["eval_samples"], device=args.device,
         checkpoint_path=None, output_path=str(args.out),
+        # aux-k revives latents silent for this many steps; SAELens's default (1000) is
+        # longer than this whole run, so dead latents would never be revived.
+        dead_feature_window=200,
         logger=LoggingConfig(log_to_wandb=False),
     )
     torch.manual_seed(args.seed)  # the SAE's initialisation
