@@ -20,6 +20,7 @@ import copy
 import json
 import math
 import platform
+import re
 import statistics
 import sys
 import time
@@ -383,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.ablation:  # NAME:KEY=VALUE,KEY=VALUE
         name, _, spec = item.partition(":")
         ablations[f"hierarchical[{name}]"] = {
-            k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in spec.split(",") if kv)}
+            # split on commas that start a new KEY=, so list values like [0,0,1] survive
+            k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in re.split(r",(?=\w+=)", spec) if kv)}
     jobs += [(p, "hierarchical", "match", seed, 1.0, label, ov)
              for label, ov in ablations.items() for seed in p.seeds]
     from concurrent.futures import ProcessPoolExecutor, as_completed
