@@ -377,13 +377,14 @@ def main(argv: list[str] | None = None) -> int:
         print("profile needs a GPU; none is available", file=sys.stderr)
         return 2
 
+    t_start = time.perf_counter()
     jobs = [(p, c, s, seed, f) for s in p.shapes for f in p.l0_factors for seed in p.seeds
             for c in args.contestants
             if f == 1.0 or (seed == p.seeds[0] and s == "match")]  # the L0 sweep: one seed, one shape
     ablations = {}
     for item in args.ablation:  # NAME:KEY=VALUE,KEY=VALUE
-        name, _, spec = item.partition(":")
-        ablations[f"hierarchical[{name}]"] = {
+        ab_name, _, spec = item.partition(":")
+        ablations[f"hierarchical[{ab_name}]"] = {
             # split on commas that start a new KEY=, so list values like [0,0,1] survive
             k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in re.split(r",(?=\w+=)", spec) if kv)}
     jobs += [(p, "hierarchical", "match", seed, 1.0, label, ov)
@@ -406,22 +407,30 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r.update(costs[r["contestant"]])
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"synthetic_{name}{('_' + args.tag) if args.tag else ''}"
     meta = {"profile": name, "machine": machine(), "hsae_overrides": p.hsae,
-            "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
-    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    md = (f"# Synthetic hierarchy benchmark: `{name}`\n\nMachine: {meta['machine']}. Date: {meta['date']}.\n"
-          f"Command: `{meta['command']}`\n\nMean ± sd over seeds (L0 sweep points: one seed). "
+            "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+            "wall_seconds": round(time.perf_counter() - t_start, 1), "jobs": args.jobs}
+    stem = f"synthetic_{name}{('_' + args.tag) if args.tag else ''}"
+    print(write_report(rows, meta, p, args.out, stem))
+    return 0
+
+
+def write_report(rows: list[dict[str, Any]], meta: dict[str, Any], p: Profile, out: Path, stem: str) -> str:
+    """Write <stem>.json, <stem>.md and (with an L0 sweep) <stem>_ev_vs_l0.png; return the Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    wall = f" Wall time: {meta['wall_seconds'] / 60:.1f} min ({meta.get('jobs', 1)} runs in parallel)." if meta.get("wall_seconds") else ""
+    md = (f"# Synthetic hierarchy benchmark: `{meta['profile']}`\n\nMachine: {meta['machine']}. Date: {meta['date']}.{wall}\n"
+          f"Command: `{meta['command']}`\n\n" + (f"{meta['note']}\n\n" if meta.get("note") else "")
+          + "Mean ± sd over seeds (L0 sweep points: one seed). "
           f"step_ratio_vs_batchtopk: seconds per SAE training step (forward+backward+Adam, min "
           f"over interleaved rounds, freshly initialised, shape match) over batchtopk's, on a fixed batch of "
           f"{p.batch_size}; peak_mem_mb: {'CUDA peak' if p.device == 'cuda' else 'params+grads+Adam state'}.\n"
           + summarise(rows) + "\n")
-    (args.out / f"{stem}.md").write_text(md)
-    if len(p.l0_factors) > 1:
-        plot_ev_vs_l0(rows, args.out / f"{stem}_ev_vs_l0.png")
-    print(md)
-    return 0
+    (out / f"{stem}.md").write_text(md)
+    if len({r["l0_factor"] for r in rows}) > 1:
+        plot_ev_vs_l0(rows, out / f"{stem}_ev_vs_l0.png")
+    return md
 
 
 if __name__ == "__main__":
