@@ -134,8 +134,8 @@ def sae_cfg(contestant: str, widths: list[int], l0: float, level_l0: list[float]
     if contestant == "topk":
         return cls(d_in=d, d_sae=d_sae, k=max(1, round(l0)))
     if contestant == "standard":
-        # L1 does not fix L0; this coefficient lands near the default L0 on this data.
-        return cls(d_in=d, d_sae=d_sae, l1_coefficient=2.0 * 6.0 / max(l0, 1.0))
+        # L1 does not fix L0; this coefficient lands near the target L0 on this data.
+        return cls(d_in=d, d_sae=d_sae, l1_coefficient=1.5 / max(l0, 1.0))
     raise ValueError(f"contestant={contestant!r}; allowed: {', '.join(CONTESTANTS)}")
 
 

@@ -276,7 +276,7 @@ class HierarchicalTrainingSAEConfig(_TreeFields, TrainingSAEConfig):
 
     level_recon_weights: list[float] | None = None
     """Weight w_l of the prefix reconstruction x_hat_{<=l}; the last is the full MSE's."""
-    kl_coefficient: float = 0.0
+    kl_coefficient: float = 0.1
     """Weight of the KL consistency term (parent mass vs pooled child mass)."""
     l2_coefficient: float = 0.0
     """Weight of the L2 consistency term (form chosen by l2_form)."""
@@ -1165,13 +1165,12 @@ def level_kl(acts: torch.Tensor, cfg: _TreeFields, eps: float = 1e-6) -> torch.T
         b = cfg.branching[level]
         parent_mass = acts2[:, slices[level]]
         pooled = acts2[:, slices[level + 1]].unflatten(-1, (-1, b)).sum(-1)
-        ps, qs = parent_mass.sum(-1), pooled.sum(-1)
-        keep = (ps > 0) & (qs > 0)
-        if not keep.any():
-            continue
-        p = parent_mass[keep] / ps[keep].unsqueeze(-1)
-        q = pooled[keep] / qs[keep].unsqueeze(-1)
-        p = (p + eps) / (1 + eps * p.shape[-1])
-        q = (q + eps) / (1 + eps * q.shape[-1])
-        total = total + (p * (p.log() - q.log())).sum(-1).mean()
+        ps, qs = parent_mass.sum(-1, keepdim=True), pooled.sum(-1, keepdim=True)
+        # Mask rather than gather the counted tokens: no data-dependent shapes, no host sync.
+        keep = ((ps > 0) & (qs > 0)).squeeze(-1).to(acts2.dtype)
+        n = parent_mass.shape[-1]
+        p = (parent_mass / ps.clamp(min=1e-30) + eps) / (1 + eps * n)
+        q = (pooled / qs.clamp(min=1e-30) + eps) / (1 + eps * n)
+        kl = (p * (p.log() - q.log())).sum(-1)
+        total = total + (kl * keep).sum() / keep.sum().clamp(min=1)
     return total
