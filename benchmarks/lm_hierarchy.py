@@ -186,7 +186,8 @@ def run_one(run: Run, profile: Profile, work: Path, contestants: list[str],
             **{f"{e}_{k}": m.get(e, {}).get(k) for e, k, _ in main_job.PLUGIN_ROWS},
             "sec_per_step": costs[n],
             "step_ratio_vs_batchtopk": costs[n] / base if base else None,
-            "levels": results["levels"][n],
+            # per-level rows of the levelwise and hierarchy evals (path details stay in the eval files)
+            "levels": {e: results["levels"][n].get(e, []) for e in ("levelwise", "hierarchy")},
         })
     if not given:
         models.clear_model_cache()
