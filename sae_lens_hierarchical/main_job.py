@@ -91,6 +91,9 @@ class DemoConfig:
     contestants: list[str] = field(default_factory=lambda: ["hierarchical", "batchtopk"])
     hsae_options: dict[str, Any] = field(default_factory=dict)  # extra HSAE config fields
     dead_feature_window: int = 50  # steps without firing before aux-k treats a latent as dead
+    # Inference thresholds of the BatchTopK-style SAEs: SAELens's moving average (rate 0.01)
+    # has not settled after ~150 steps (L0 came out ~2x k); 0.05 settles in ~60.
+    threshold_lr: float | None = 0.05
     norm_batches: int = 8  # batches for SAELens's activation-norm estimate
     evals: bool = True
     eval_prompts: int = 48  # held-out prompts for the plugin evals
@@ -136,12 +139,16 @@ def sae_configs(
     contestants: Sequence[str] = ("hierarchical", "batchtopk"),
     hsae_options: dict[str, Any] | None = None,
     normalize_activations: str = "expected_average_only_in",
+    threshold_lr: float | None = None,
 ) -> dict[str, Any]:
     """{short name: SAELens TrainingSAEConfig}: every contestant at width sum(level_widths)
     and L0 sum(k_per_level).
 
     hierarchical: the HSAE with this tree and per-level k; batchtopk / topk: k = the total
     (topk rounds it); matryoshka_batchtopk: nested prefixes at the tree's level boundaries.
+    threshold_lr: `topk_threshold_lr` of every BatchTopK-style contestant (the HSAE's batchtopk
+    variant, batchtopk, matryoshka_batchtopk): the rate of the moving average that learns the
+    inference threshold. None keeps SAELens's 0.01, which needs ~300+ steps to settle.
     """
     from sae_lens.registry import get_sae_training_class
 
@@ -150,7 +157,9 @@ def sae_configs(
     out: dict[str, Any] = {}
     for contestant in contestants:
         cls = get_sae_training_class(contestant)[1]
-        common = dict(d_in=d_in, d_sae=d_sae, normalize_activations=normalize_activations)
+        common: dict[str, Any] = dict(d_in=d_in, d_sae=d_sae, normalize_activations=normalize_activations)
+        if threshold_lr is not None and contestant != "topk":
+            common["topk_threshold_lr"] = threshold_lr
         if contestant == "hierarchical":
             kw = dict(level_widths=list(level_widths), k_per_level=list(k_per_level))
             kw.update(hsae_options or {})
@@ -879,7 +888,7 @@ def run_demo(
     timings: dict[str, float] = {}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = command or "hsae demo " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    command = command or " ".join(["hsae demo", *(shlex.quote(a) for a in sys.argv[2:])])
     device = cfg.device
     if cfg.contestants[0] != "hierarchical":
         raise ValueError("the first contestant must be 'hierarchical' (tree.md describes its tree)")
@@ -910,7 +919,8 @@ def run_demo(
     # 2. train ------------------------------------------------------------------------------
     d_in = int(model.cfg.d_model)
     widths = cfg.level_widths
-    saes_cfg = sae_configs(d_in, widths, cfg.k_per_level, cfg.contestants, cfg.hsae_options)
+    saes_cfg = sae_configs(d_in, widths, cfg.k_per_level, cfg.contestants, cfg.hsae_options,
+                           threshold_lr=cfg.threshold_lr)
     names = list(saes_cfg)
     steps = max(1, cfg.tokens // cfg.batch_tokens)
     phase(f"2/5 training {' + '.join(names)} (d_sae {sum(widths)}, L0 {cfg.l0:g}) on {cfg.hook_name}, "

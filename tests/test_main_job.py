@@ -141,6 +141,9 @@ def test_sae_configs_match_width_and_l0():
     assert cfgs["batchtopk"].k == 9 and cfgs["topk"].k == 9 and cfgs["matryoshka"].k == 9
     assert cfgs["matryoshka"].matryoshka_widths == [4, 20, 84]
     assert cfgs["hsae"].level_widths == [4, 16, 64]
+    fast = main_job.sae_configs(32, [4, 16, 64], [2, 3, 4], main_job.CONTESTANTS, threshold_lr=0.05)
+    assert [fast[n].topk_threshold_lr for n in ("hsae", "batchtopk", "matryoshka")] == [0.05] * 3
+    assert cfgs["batchtopk"].topk_threshold_lr == 0.01  # SAELens's default unless asked
 
 
 def test_demo_cli_parses_and_refuses_bad_levels(capsys):
