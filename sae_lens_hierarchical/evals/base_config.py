@@ -58,3 +58,30 @@ class ActivationEvalConfig(BaseEvalConfig):
         title="Exclude Special Tokens",
         description="Leave BOS, EOS and PAD positions out of every metric (as SAE-Bench's evals do).",
     )
+
+
+@dataclass
+class TreeEvalConfig(ActivationEvalConfig):
+    """Base config of the evals that need a tree: the SAE's own, or a post-hoc one for flat SAEs."""
+
+    tree_source: str = Field(
+        default="auto",
+        title="Tree Source",
+        description=(
+            "Which tree: 'auto' (a hierarchical SAE's own tree, the post-hoc tree for any "
+            "other SAE), 'native' (hierarchical SAEs only) or 'posthoc' (any SAE)."
+        ),
+    )
+    posthoc_tau: float = Field(
+        default=0.5,
+        title="Post-hoc Tree Threshold",
+        description=(
+            "A post-hoc parent q of latent c must have P(q on | c on) >= tau; the parent is "
+            "the least dense such latent that is denser than c (DESIGN section 3)."
+        ),
+    )
+    posthoc_min_count: int = Field(
+        default=1,
+        title="Post-hoc Minimum Count",
+        description="Latents firing on fewer fit tokens are dead: roots, and nobody's parent.",
+    )

@@ -3,29 +3,11 @@
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
-from sae_lens_hierarchical.evals.base_config import ActivationEvalConfig
+from sae_lens_hierarchical.evals.base_config import TreeEvalConfig
 
 
 @dataclass
-class LevelwiseEvalConfig(ActivationEvalConfig):
-    tree_source: str = Field(
-        default="auto",
-        title="Tree Source",
-        description=(
-            "Where the levels come from: 'auto' (a hierarchical SAE's own levels, the depth in "
-            "the post-hoc tree for any other SAE), 'native' or 'posthoc'."
-        ),
-    )
-    posthoc_tau: float = Field(
-        default=0.5,
-        title="Post-hoc Tree Threshold",
-        description="Minimum P(parent on | child on) of a post-hoc parent (see the hierarchy eval).",
-    )
-    posthoc_min_count: int = Field(
-        default=1,
-        title="Post-hoc Minimum Count",
-        description="Latents firing on fewer fit tokens are dead: roots, and nobody's parent.",
-    )
+class LevelwiseEvalConfig(TreeEvalConfig):
     tree_fit_fraction: float = Field(
         default=0.5,
         title="Tree Fit Fraction",
