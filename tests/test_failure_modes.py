@@ -147,7 +147,7 @@ def test_cfg_shapes_that_do_not_match_the_weights_are_named(changes, tensor, loa
 def test_projection_rank_none_against_factored_weights_lists_the_tensors(saved, tmp_path):
     d = copy(saved, tmp_path)
     edit_cfg(d, projection_rank=None)
-    with pytest.raises(HierarchicalSAELoadError, match=r"missing tensors \['W_dec_l1'.*unexpected tensors \['dec_basis_l1'"):
+    with pytest.raises(HierarchicalSAELoadError, match=r"missing tensors \['W_dec', 'W_enc'\].*unexpected tensors \['W_dec_l0', 'W_enc_l0', 'dec_basis_l1'"):
         SAE.load_from_disk(str(d))
 
 

@@ -332,8 +332,8 @@ def test_l2_forms_differ_and_decoder_form_is_zero_for_identical_children():
     x = inputs(64)
     dec = step(sae, x).losses["l2_consistency_loss"]
     with torch.no_grad():  # make every child's decoder row equal its parent's
-        sae.W_dec_l1.copy_(sae.W_dec_l0.repeat_interleave(4, 0))
-        sae.W_dec_l2.copy_(sae.W_dec_l1.repeat_interleave(4, 0))
+        sae.W_dec[4:20] = sae.W_dec[:4].repeat_interleave(4, 0)
+        sae.W_dec[20:84] = sae.W_dec[4:20].repeat_interleave(4, 0)
     assert step(sae, x).losses["l2_consistency_loss"].item() < 1e-10 < dec.item()
     sae_act = training_sae("topk", rank=None, l2_coefficient=1.0, l2_form="activation")
     acts = step(sae_act, x).feature_acts
@@ -378,6 +378,64 @@ def test_batchtopk_thresholds_are_learned_per_level():
     warm_up(sae, 10)
     thr = sae.topk_threshold
     assert thr.shape == (3,) and (thr > 0).all()
+
+
+
+def _dense_gated_batchtopk(sae, hidden_pre):
+    """Reference: gate each dense level by its parents, then keep the level's top k*B entries."""
+    outs, parent_on = [], None
+    for level, sl in enumerate(sae.level_slices):
+        acts = hidden_pre[..., sl].relu()
+        if parent_on is not None:
+            acts = (acts.unflatten(-1, (parent_on.shape[-1], -1)) * parent_on.unsqueeze(-1)).flatten(-2)
+        flat = acts.flatten()
+        vals, idx = flat.topk(int(sae.cfg.k_per_level[level] * acts.shape[0]))
+        acts = torch.zeros_like(flat).scatter(0, idx, vals).view_as(acts)
+        parent_on = (acts > 0).float()
+        outs.append(acts)
+    return torch.cat(outs, -1)
+
+
+@pytest.mark.parametrize("rank", RANKS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sparse_batchtopk_selection_equals_gating_the_dense_levels(rank, seed):
+    """Training selects children only among the kept parents' children; the result and its
+    gradient must equal gating every dense level and taking its top-k."""
+    sae = training_sae("batchtopk", rank=rank, seed=seed, k_per_level=[1.5, 2.0, 3.0])
+    warm_up(sae, 5)
+    x = inputs(96, seed=seed)
+    hidden_pre = sae.encode_with_hidden_pre(x)[1].detach().requires_grad_(True)
+    got = torch.cat(sae._batchtopk_levels(hidden_pre), -1)
+    ref_pre = hidden_pre.detach().clone().requires_grad_(True)
+    want = _dense_gated_batchtopk(sae, ref_pre)
+    torch.testing.assert_close(got, want)
+    assert (got > 0).sum() > 0.5 * sum(sae.cfg.k_per_level) * 96  # not vacuous
+    w = torch.randn_like(got)
+    (got * w).sum().backward()
+    (want * w).sum().backward()
+    torch.testing.assert_close(hidden_pre.grad, ref_pre.grad)
+
+
+def test_weights_saved_per_level_by_older_versions_still_load(tmp_path):
+    """Before 0.2 unfactored weights were stored per level (W_enc_l0, W_dec_l0, ...)."""
+    from safetensors.torch import load_file, save_file
+
+    sae = training_sae("batchtopk", rank=None)
+    warm_up(sae, 5)
+    sae.save_model(str(tmp_path / "new"))
+    tensors = load_file(str(tmp_path / "new" / "sae_weights.safetensors"))
+    assert {"W_enc", "W_dec"} <= set(tensors)  # SAELens's usual names, flat
+    W_enc, W_dec = tensors.pop("W_enc"), tensors.pop("W_dec")
+    for level, sl in enumerate(sae.level_slices):
+        tensors[f"W_enc_l{level}"] = W_enc[:, sl].contiguous()
+        tensors[f"W_dec_l{level}"] = W_dec[sl].contiguous()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "cfg.json").write_text((tmp_path / "new" / "cfg.json").read_text())
+    save_file(tensors, str(tmp_path / "old" / "sae_weights.safetensors"))
+    x = inputs(32)
+    for cls in (SAE, TrainingSAE):
+        a, b = cls.load_from_disk(str(tmp_path / "new")), cls.load_from_disk(str(tmp_path / "old"))
+        torch.testing.assert_close(_outputs(a, x), _outputs(b, x))
 
 
 # ------------------------------------------------------------- folding and saving

@@ -81,7 +81,7 @@ def test_cli_same_seed_same_weights_other_seed_differs(tmp_path, monkeypatch):
         sae, out = cli.train("cfg.yaml", [f"seed={seed}", f"output_path=out{len(runs)}"])
         runs.append(load_file(str(Path(out) / "sae_weights.safetensors")))
     assert_identical(runs[0], runs[1])
-    assert not torch.equal(runs[0]["W_dec_l0"], runs[2]["W_dec_l0"])
+    assert not torch.equal(runs[0]["W_dec"], runs[2]["W_dec"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def test_lm_runner_same_seed_same_weights(tiny_lm, dataset, tmp_path):
     b = run_lm(lm_cfg(tmp_path, "b", n_checkpoints=0), tiny_lm, dataset)
     assert_identical(a, b)
     c = run_lm(lm_cfg(tmp_path, "c", n_checkpoints=0, seed=4), tiny_lm, dataset)
-    assert not torch.equal(a["W_dec_l0"], c["W_dec_l0"])
+    assert not torch.equal(a["W_dec"], c["W_dec"])
 
 
 TREE_FIT_SAE = {

@@ -122,8 +122,8 @@ def perfect_hsae(widths=(4, 8, 16), d_in: int = D_MODEL, seed: int = 0, **meta) 
     with torch.no_grad():
         for level in range(1, len(widths)):
             b = widths[level] // widths[level - 1]
-            parent = getattr(sae, f"W_enc_l{level - 1}")
-            getattr(sae, f"W_enc_l{level}").copy_(parent.repeat_interleave(b, dim=1))
+            parent = sae.level_W_enc(level - 1)
+            sae.level_W_enc(level).copy_(parent.repeat_interleave(b, dim=1))
         sae.b_enc.zero_()
     return sae
 

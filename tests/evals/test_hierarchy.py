@@ -115,8 +115,7 @@ def test_chunked_level_kl_equals_one_consistency_kl_call(monkeypatch):
     torch.manual_seed(0)
     sae = perfect_hsae()
     with torch.no_grad():  # children no longer copy their parent: a non-zero KL
-        sae.W_enc_l1.normal_()
-        sae.W_enc_l2.normal_()
+        sae.W_enc[:, sae.level_slices[1].start:].normal_()
     x = torch.randn(700, D_MODEL)
     acts = sae.encode(x).detach()
     tree = common.sae_tree(sae, None)
@@ -137,7 +136,7 @@ def test_release_and_id_pairs_go_through_saebench_loader(tiny_model, token_datas
 
     sae = perfect_hsae()
     with torch.no_grad():
-        sae.W_dec_l0.mul_(3.0)  # non-unit rows, as a raw checkpoint may have
+        sae.W_dec[sae.level_slices[0]].mul_(3.0)  # non-unit rows, as a raw checkpoint may have
     sae.save_model(tmp_path / "saved")
     calls = []
 

@@ -31,8 +31,8 @@ def mixed_hsae() -> torch.nn.Module:
     so each path node carries its own share."""
     sae = perfect_hsae()
     with torch.no_grad():
-        sae.W_enc_l1.add_(0.5 * torch.randn_like(sae.W_enc_l1))
-        sae.W_enc_l2.add_(0.5 * torch.randn_like(sae.W_enc_l2))
+        children = sae.W_enc[:, sae.level_slices[1].start:]
+        children.add_(0.5 * torch.randn_like(children))
     return sae
 
 

@@ -139,8 +139,8 @@ def test_absorption_runs_on_a_planted_first_letter_model(tmp_path, monkeypatch):
                                   projection_rank=None, metadata=metadata("tiny-first-letters", HOOK))
     sae = h.HierarchicalSAE(cfg)
     with torch.no_grad():  # roots 0..25 read and write the letter directions
-        sae.W_dec_l0[:26] = letters
-        sae.W_enc_l0[:, :26] = letters.T
+        sae.W_dec[:26] = letters
+        sae.W_enc[:, :26] = letters.T
         sae.b_enc.fill_(-0.5)
         sae.b_dec.zero_()
     ab_cfg = AbsorptionEvalConfig(k_sparse_probe_num_epochs=5, max_k_value=3, precalc_k_sparse_probe_sae_acts=True,
