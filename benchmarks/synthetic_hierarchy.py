@@ -248,26 +248,32 @@ def _worker(args: tuple) -> dict[str, Any]:
     return run_one(*args)
 
 
+# A realistic width for the step-cost comparison: GPT-2-small's d_in and about 4k latents
+# (the benchmark's own SAEs are so small that per-op overhead dominates their step).
+WIDE_STEP = dict(d=768, widths=[192, 768, 3072], level_l0=[4.0, 8.0, 12.0], batch=1024)
+
+
 def step_costs(p: Profile, contestants: list[str], ablations: dict[str, dict[str, Any]] | None = None,
-               rounds: int = 5) -> dict[str, dict[str, float]]:
+               rounds: int = 5, wide: bool = False) -> dict[str, dict[str, float]]:
     """Seconds per training step of each contestant, measured side by side in one process.
 
     Freshly initialised SAEs of the benchmark's configs (the dense compute does not depend
     on the weights); contestants are interleaved round-robin and the minimum over rounds is
     kept, so load from other processes inflates every contestant alike or not at all.
     """
-    widths = sae_shape(p, "match")
-    level_l0 = [1.0, 1.5, 2.0]
+    widths, level_l0, d, batch, n = sae_shape(p, "match"), [1.0, 1.5, 2.0], p.hidden_dim, p.batch_size, 10
+    if wide:
+        widths, level_l0, d, batch, n = WIDE_STEP["widths"], WIDE_STEP["level_l0"], WIDE_STEP["d"], WIDE_STEP["batch"], 3
     saes = {}
     named = [(c, c, {}) for c in contestants] + [(lab, "hierarchical", ov) for lab, ov in (ablations or {}).items()]
     for label, c, ov in named:
-        cfg = sae_cfg(c, widths, sum(level_l0), level_l0, p.hidden_dim, {**p.hsae, **ov})
+        cfg = sae_cfg(c, widths, sum(level_l0), level_l0, d, {**p.hsae, **ov})
         cfg.device = p.device
         saes[label] = get_sae_training_class(c)[0](cfg).to(p.device)
     best: dict[str, dict[str, float]] = {}
     for _ in range(rounds):
         for c, sae in saes.items():
-            m = step_cost(sae, p.hidden_dim, p.batch_size, p.device, n=10)
+            m = step_cost(sae, d, batch, p.device, n=n)
             prev = best.get(c)
             if prev is None or m["sec_per_step"] < prev["sec_per_step"]:
                 best[c] = m
@@ -305,6 +311,19 @@ def summarise(rows: list[dict[str, Any]]) -> str:
                 rs = [r for r in sel if r["contestant"] == c]
                 lines.append(f"| {c} (n={len(rs)}) | " + " | ".join(_fmt([r.get(k) for r in rs]) for k in TABLE_COLS) + " |")
     return "\n".join(lines)
+
+
+def _wide_table(meta: dict[str, Any]) -> str:
+    costs, shape = meta.get("step_cost_wide"), meta.get("step_cost_wide_shape")
+    if not costs:
+        return ""
+    lines = [f"\n### Step cost at a realistic width (d_in {shape['d']}, tree {shape['widths']} = "
+             f"{sum(shape['widths'])} latents, L0 {sum(shape['level_l0']):g}, batch {shape['batch']}; "
+             "fresh SAEs, min over 3 interleaved rounds)\n",
+             "| contestant | ms per step | ratio vs batchtopk |", "|---|---|---|"]
+    for c, m in costs.items():
+        lines.append(f"| {c} | {1e3 * m['sec_per_step']:.1f} | {m['step_ratio_vs_batchtopk']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot_ev_vs_l0(rows: list[dict[str, Any]], path: Path) -> None:
@@ -406,10 +425,14 @@ def main(argv: list[str] | None = None) -> int:
     costs = step_costs(p, list(dict.fromkeys(args.contestants + ["batchtopk"])), ablations)
     for r in rows:
         r.update(costs[r["contestant"]])
+    wide_costs = None
+    if p.device == "cpu" and name != "quick":
+        wide_costs = step_costs(p, list(dict.fromkeys(args.contestants + ["batchtopk"])), rounds=3, wide=True)
 
     meta = {"profile": name, "machine": machine(), "hsae_overrides": p.hsae,
             "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-            "wall_seconds": round(time.perf_counter() - t_start, 1), "jobs": args.jobs}
+            "wall_seconds": round(time.perf_counter() - t_start, 1), "jobs": args.jobs,
+            "step_cost_wide": wide_costs, "step_cost_wide_shape": WIDE_STEP if wide_costs else None}
     stem = f"synthetic_{name}{('_' + args.tag) if args.tag else ''}"
     print(write_report(rows, meta, p, args.out, stem))
     return 0
@@ -426,7 +449,7 @@ def write_report(rows: list[dict[str, Any]], meta: dict[str, Any], p: Profile, o
           f"step_ratio_vs_batchtopk: seconds per SAE training step (forward+backward+Adam, min "
           f"over interleaved rounds, freshly initialised, shape match) over batchtopk's, on a fixed batch of "
           f"{p.batch_size}; peak_mem_mb: {'CUDA peak' if p.device == 'cuda' else 'params+grads+Adam state'}.\n"
-          + summarise(rows) + "\n")
+          + summarise(rows) + "\n" + _wide_table(meta))
     (out / f"{stem}.md").write_text(md)
     if len({r["l0_factor"] for r in rows}) > 1:
         plot_ev_vs_l0(rows, out / f"{stem}_ev_vs_l0.png")
