@@ -445,12 +445,26 @@ def _outputs(sae, x):
     return sae.decode(sae.encode(x))
 
 
+def _untied(sae, x):
+    """For per-token TopK, rows whose pre-activations hold no two values equal to float32
+    rounding: a fold's rounding may legitimately swap which of two tied latents wins there."""
+    if sae.cfg.variant != "topk":
+        return x
+    with torch.no_grad():
+        pre = sae.encode_with_hidden_pre(x)[1] if hasattr(sae, "training_forward_pass") else (
+            sae.process_sae_in(x) @ sae.W_enc + sae.b_enc)
+        s = pre.sort(-1).values
+        tied = ((s[:, 1:] - s[:, :-1]).abs() <= 1e-6 * s[:, 1:].abs().clamp(min=1e-3)).any(-1)
+    assert tied.float().mean() < 0.05  # a rare coincidence, never most rows
+    return x[~tied]
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("rank", RANKS)
 def test_fold_W_dec_norm_is_exact(variant, rank, tmp_path):
     sae = training_sae(variant, rank)
     warm_up(sae)
-    x = inputs(128)
+    x = _untied(sae, inputs(128))
     before = _outputs(sae, x)
     assert not torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(D_SAE))
     sae.fold_W_dec_norm()
@@ -506,7 +520,7 @@ def test_activation_norm_scaling_fold_is_exact(variant, rank, tmp_path):
 def test_save_for_inference_is_exact(variant, rank, tmp_path):
     sae = training_sae(variant, rank)
     warm_up(sae)
-    x = inputs(256)
+    x = _untied(sae, inputs(256))
     inf = _saved_inference(sae, tmp_path)
     assert type(inf) is h.HierarchicalSAE
     torch.testing.assert_close(inf.W_dec.norm(dim=-1), torch.ones(D_SAE), atol=1e-5, rtol=0)
