@@ -915,7 +915,10 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
             # Before the forward pass: the weights move here, and autograd must not see it.
             self.fit_tree()
         levels, hidden_pre, unit_W_dec = self._encode(x)
-        acts = self.hook_sae_acts_post(torch.cat(levels, dim=-1))
+        cat = torch.cat(levels, dim=-1)
+        acts = self.hook_sae_acts_post(cat)
+        if acts is not cat:  # a hook edited the activations: the losses must see its edit
+            levels = list(acts.split(cfg.level_widths, dim=-1))
         if fit_at is not None and not bool(self.tree_fitted) and (
             n_step >= fit_at - cfg.tree_fit_stat_steps
         ):

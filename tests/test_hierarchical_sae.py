@@ -268,6 +268,23 @@ def test_hook_points_fire(tmp_path):
     assert cache["hook_sae_acts_post"].shape == (8, D_SAE)
 
 
+
+def test_a_hook_that_edits_training_activations_reaches_the_loss():
+    sae = training_sae("batchtopk")
+    x = inputs(64)
+    plain = step(sae, x).losses
+    sae.hook_sae_acts_post.add_hook(lambda acts, hook: acts * 0.0)
+    try:
+        zeroed = step(sae, x)
+    finally:
+        sae.hook_sae_acts_post.remove_hooks()
+    assert float(zeroed.feature_acts.abs().sum()) == 0.0
+    # Nothing active: the reconstruction is b_dec alone, at every prefix.
+    want = (sae.b_dec - x).pow(2).sum(-1).mean()
+    torch.testing.assert_close(zeroed.losses["mse_loss"], want)
+    torch.testing.assert_close(zeroed.losses["prefix_mse_level_0"], want)
+    assert plain["mse_loss"].item() < want.item()
+
 def test_spliced_into_hooked_sae_transformer(tmp_path):
     model = tiny_hooked_transformer()
     sae = training_sae("topk")
