@@ -10,6 +10,12 @@ hierarchical, batchtopk, matryoshka_batchtopk, topk, standard. Metrics come from
     python benchmarks/synthetic_hierarchy.py --profile default    # CPU, < 30 min on 2 cores
     python benchmarks/synthetic_hierarchy.py --profile gpu        # SynthSAEBench-16k, GPU
 
+On a lent GPU (10-minute commands, 30 minutes in all) run one seed per command, e.g.
+    python benchmarks/synthetic_hierarchy.py --profile gpu --seeds 0 --jobs 1 \
+        --contestants hierarchical batchtopk matryoshka_batchtopk --tag seed0
+and merge the seeds' JSON afterwards. The world is built from SynthSAEBench-16k's published
+config (no Hub access needed); its orthogonalisation takes about an hour on a CPU.
+
 Writes benchmarks/results/synthetic_<profile>.{json,md} and an EV-vs-L0 PNG.
 """
 
@@ -35,7 +41,10 @@ from sae_lens import LoggingConfig
 from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import TrainStepInput
 from sae_lens.synthetic import (
+    FoldedNormalMagnitudeConfig,
     HierarchyConfig,
+    LinearMagnitudeConfig,
+    LowRankCorrelationConfig,
     OrthogonalizationConfig,
     SyntheticModel,
     SyntheticModelConfig,
@@ -65,6 +74,16 @@ class Profile:
     max_prob: float = 0.3
     device: str = "cpu"
     hsae: dict[str, Any] = field(default_factory=dict)
+    depth: int = 2
+    """Levels below the truth's roots (the HSAE always has 3 levels)."""
+    world: str = "simple"
+    """"simple" (this file's small forest) or "synthsaebench16k" (the published model's config)."""
+    hsae_widths: list[int] | None = None
+    """The HSAE's tree at shape `match`, when it is not the truth's top three levels."""
+    flat_width: int | None = None
+    """Width of the flat contestants, when it is not the HSAE's."""
+    l0: float | None = None
+    """Fixed L0 target (times the L0 factor) instead of the truth's L0 over the top 3 levels."""
 
 
 PROFILES = {
@@ -76,12 +95,18 @@ PROFILES = {
     # The bench config's problem (16 x 4 x 4 + 48 free features in 64 dims), 1M samples.
     "large": Profile(n_roots=16, branching=4, n_free=48, hidden_dim=64, training_samples=1_000_000,
                      seeds=[0, 1, 2], shapes=["match"], l0_factors=[1.0]),
-    # SynthSAEBench-16k shape (Chanin & Garriga-Alonso 2026): 16,384 features, d=768,
-    # 128 roots x 4 x depth 3, SAE width 4096 at L0 ~ 25.
+    # SynthSAEBench-16k (Chanin & Garriga-Alonso 2026), built offline from its published
+    # config (SAELens docs, synth_sae_bench.md): 16,384 features, d=768, 128 roots x 4, depth 3
+    # (so 4 true levels), mutually exclusive children scaled by their parent, low-rank
+    # correlations. Flat SAEs at the published width 4096 and L0 25; the HSAE's 3-level tree
+    # 192 x 4 x 4 = 4,032 latents at the same L0. The paper trains 200M samples; the default
+    # here is 20M (a GPU session's budget), with every contestant at that budget (override with
+    # --samples).
     "gpu": Profile(n_roots=128, branching=4, n_free=16_384 - 128 * 85, hidden_dim=768,
-                   training_samples=100_000_000, seeds=[0, 1, 2], shapes=["match"],
-                   l0_factors=[1.0], eval_samples=200_000, batch_size=4096, lr=3e-4,
-                   min_prob=5e-4, max_prob=0.4, device="cuda"),
+                   training_samples=20_000_000, seeds=[0, 1, 2], shapes=["match"],
+                   l0_factors=[1.0], eval_samples=200_000, batch_size=1024, lr=3e-4,
+                   min_prob=5e-4, max_prob=0.4, device="cuda", depth=3, world="synthsaebench16k",
+                   hsae_widths=[192, 768, 3072], flat_width=4096, l0=25.0),
 }
 
 
@@ -94,6 +119,8 @@ def tree_widths(n_roots: int, branching: list[int]) -> list[int]:
 
 def sae_shape(p: Profile, shape: str) -> list[int]:
     """The SAE's tree: the truth's shape, wider (more roots) or narrower (less branching)."""
+    if shape == "match" and p.hsae_widths:
+        return list(p.hsae_widths)
     if shape == "match":
         return tree_widths(p.n_roots, [p.branching, p.branching])
     if shape == "wider":
@@ -104,20 +131,36 @@ def sae_shape(p: Profile, shape: str) -> list[int]:
 
 
 def synthetic_model_cfg(p: Profile, seed: int) -> SyntheticModelConfig:
-    n_tree = sum(tree_widths(p.n_roots, [p.branching, p.branching]))
+    if p.world == "synthsaebench16k":
+        # The published model (seed 42 for every SAE seed: one benchmark world).
+        return SyntheticModelConfig(
+            num_features=16_384, hidden_dim=768,
+            firing_probability=ZipfianFiringProbabilityConfig(exponent=0.5, max_prob=0.4, min_prob=5e-4),
+            hierarchy=HierarchyConfig(total_root_nodes=128, branching_factor=4, max_depth=3,
+                                      mutually_exclusive_portion=1.0, mutually_exclusive_min_depth=0,
+                                      compensate_probabilities=True, scale_children_by_parent=True),
+            orthogonalization=OrthogonalizationConfig(num_steps=100, lr=3e-4),
+            correlation=LowRankCorrelationConfig(rank=25, correlation_scale=0.1),
+            mean_firing_magnitudes=LinearMagnitudeConfig(start=5.0, end=4.0),
+            std_firing_magnitudes=FoldedNormalMagnitudeConfig(mean=0.5, std=0.5),
+            bias=0.5, seed=42,
+        )
+    n_tree = sum(tree_widths(p.n_roots, [p.branching] * p.depth))
     return SyntheticModelConfig(
         num_features=n_tree + p.n_free, hidden_dim=p.hidden_dim,
         firing_probability=ZipfianFiringProbabilityConfig(exponent=0.5, max_prob=p.max_prob, min_prob=p.min_prob),
-        hierarchy=HierarchyConfig(total_root_nodes=p.n_roots, branching_factor=p.branching, max_depth=2,
+        hierarchy=HierarchyConfig(total_root_nodes=p.n_roots, branching_factor=p.branching, max_depth=p.depth,
                                   mutually_exclusive_portion=1.0, compensate_probabilities=True),
         orthogonalization=OrthogonalizationConfig(num_steps=100),
         std_firing_magnitudes=0.1, mean_firing_magnitudes=1.0, bias=False, seed=seed,
     )
 
 
-def sae_cfg(contestant: str, widths: list[int], l0: float, level_l0: list[float], d: int, hsae: dict[str, Any]):
-    """The contestant's SAELens training config at total width sum(widths) and L0 ~ l0."""
-    d_sae = sum(widths)
+def sae_cfg(contestant: str, widths: list[int], l0: float, level_l0: list[float], d: int, hsae: dict[str, Any],
+            flat_width: int | None = None):
+    """The contestant's SAELens training config at total width sum(widths) (flat contestants:
+    flat_width if given) and L0 ~ l0."""
+    d_sae = sum(widths) if contestant == "hierarchical" else (flat_width or sum(widths))
     cls = get_sae_training_class(contestant)[1]
     if contestant == "hierarchical":
         scale = l0 / sum(level_l0)
@@ -139,10 +182,19 @@ def sae_cfg(contestant: str, widths: list[int], l0: float, level_l0: list[float]
     raise ValueError(f"contestant={contestant!r}; allowed: {', '.join(CONTESTANTS)}")
 
 
+def ground_truth_levels(gt_parent: torch.Tensor) -> torch.Tensor:
+    """Depth of each true feature; -1 for features outside any tree (no parent, no children)."""
+    levels = M.tree_levels(gt_parent)
+    has_child = torch.zeros_like(gt_parent, dtype=torch.bool)
+    has_child[gt_parent[gt_parent >= 0]] = True
+    levels[(gt_parent < 0) & ~has_child] = -1
+    return levels
+
+
 def true_level_l0(synth: SyntheticModel, levels: torch.Tensor, n: int = 20_000) -> list[float]:
     _, feats = synth.sample_with_features(n)
     on = (feats > 0).float()
-    return [on[:, levels == lv].sum(-1).mean().item() for lv in range(3)]
+    return [on[:, levels == lv].sum(-1).mean().item() for lv in range(int(levels.max()) + 1)]
 
 
 def step_cost(sae, d: int, batch: int, device: str, n: int = 20) -> dict[str, float]:
@@ -213,15 +265,15 @@ def run_one(p: Profile, contestant: str, shape: str, seed: int, l0_factor: float
     torch.manual_seed(seed)
     smc = synthetic_model_cfg(p, seed)
     synth = SyntheticModel(smc, device=p.device)
-    n_tree = sum(tree_widths(p.n_roots, [p.branching, p.branching]))
     gt_parent = M.parent_index_from_hierarchy(synth.hierarchy.roots, smc.num_features)
-    gt_levels = M.tree_levels(gt_parent)
-    gt_levels[n_tree:] = -1  # features outside any tree (they are roots with no children)
-    level_l0 = true_level_l0(synth, gt_levels)
+    gt_levels = ground_truth_levels(gt_parent)
+    # The HSAE's per-level budgets follow the truth's top three levels; deeper true levels
+    # (SynthSAEBench has four) are left to the leaves' budget via the total.
+    level_l0 = true_level_l0(synth, gt_levels)[:3]
     widths = sae_shape(p, shape)
-    # The SAE also needs room for the free features: give them to the leaves' level budget.
-    l0 = (sum(level_l0) + 0.0) * l0_factor
-    cfg = sae_cfg(contestant, widths, l0, level_l0, p.hidden_dim, {**p.hsae, **(overrides or {})})
+    l0 = (p.l0 if p.l0 is not None else sum(level_l0)) * l0_factor
+    cfg = sae_cfg(contestant, widths, l0, level_l0, p.hidden_dim, {**p.hsae, **(overrides or {})},
+                  flat_width=p.flat_width)
     runner_cfg = SyntheticSAERunnerConfig(
         synthetic_model=smc, sae=cfg, training_samples=p.training_samples, batch_size=p.batch_size,
         lr=p.lr, device=p.device, eval_samples=p.eval_samples, checkpoint_path=None, output_path=None,
@@ -234,7 +286,7 @@ def run_one(p: Profile, contestant: str, shape: str, seed: int, l0_factor: float
     fe = res.final_eval
     row = {
         "contestant": label or contestant, "shape": shape, "seed": seed, "l0_factor": l0_factor,
-        "d_sae": sum(widths), "widths": widths, "target_l0": l0, "true_l0": fe.true_l0,
+        "d_sae": cfg.d_sae, "widths": widths, "target_l0": l0, "true_l0": fe.true_l0,
         "l0": fe.sae_l0, "explained_variance": fe.explained_variance, "mcc": fe.mcc,
         "f1": fe.classification.f1_score, "dead": fe.dead_latents, "train_seconds": train_s,
     }
@@ -262,12 +314,15 @@ def step_costs(p: Profile, contestants: list[str], ablations: dict[str, dict[str
     kept, so load from other processes inflates every contestant alike or not at all.
     """
     widths, level_l0, d, batch, n = sae_shape(p, "match"), [1.0, 1.5, 2.0], p.hidden_dim, p.batch_size, 10
+    if p.l0 is not None:
+        level_l0 = [x * p.l0 / sum(level_l0) for x in level_l0]
     if wide:
         widths, level_l0, d, batch, n = WIDE_STEP["widths"], WIDE_STEP["level_l0"], WIDE_STEP["d"], WIDE_STEP["batch"], 3
     saes = {}
     named = [(c, c, {}) for c in contestants] + [(lab, "hierarchical", ov) for lab, ov in (ablations or {}).items()]
     for label, c, ov in named:
-        cfg = sae_cfg(c, widths, sum(level_l0), level_l0, d, {**p.hsae, **ov})
+        cfg = sae_cfg(c, widths, sum(level_l0), level_l0, d, {**p.hsae, **ov},
+                      flat_width=None if wide else p.flat_width)
         cfg.device = p.device
         saes[label] = get_sae_training_class(c)[0](cfg).to(p.device)
     best: dict[str, dict[str, float]] = {}
@@ -368,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", nargs="+", choices=["match", "wider", "narrower"])
     ap.add_argument("--l0-factors", nargs="+", type=float, help="override the profile's L0 sweep")
     ap.add_argument("--samples", type=int, help="override the profile's training samples")
+    ap.add_argument("--eval-samples", type=int, help="override the profile's held-out evaluation samples")
+    ap.add_argument("--device", help="override the profile's device (e.g. a CPU dry run of --profile gpu)")
     ap.add_argument("--hsae", action="append", default=[], metavar="KEY=VALUE",
                     help="override a hierarchical config field (YAML value), e.g. --hsae kl_coefficient=0")
     ap.add_argument("--ablation", action="append", default=[], metavar="NAME:KEY=VALUE,...",
@@ -389,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
         p.l0_factors = args.l0_factors
     if args.samples:
         p.training_samples = args.samples
+    if args.device:
+        p.device = args.device
+    if args.eval_samples:
+        p.eval_samples = args.eval_samples
     for item in args.hsae:
         k, v = item.split("=", 1)
         p.hsae[k] = yaml.safe_load(v)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,3 +34,49 @@ def test_synthetic_benchmark_quick_profile_writes_all_metrics(tmp_path):
     assert hier["hcs"] > 0  # native tree: children only fire under their parents
     md = (tmp_path / "synthetic_quick.md").read_text()
     assert "| hierarchical (n=1) |" in md and "step_ratio_vs_batchtopk" in md
+
+
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("synthetic_hierarchy", ROOT / "benchmarks" / "synthetic_hierarchy.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up while being built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_profile_builds_the_published_synthsaebench_16k_world():
+    """The GPU anchor (SynthSAEBench-16k) is built offline from its published config; its
+    orthogonalisation takes an hour on a CPU, so only the config and tree are checked here."""
+    bench = _bench()
+    p = bench.PROFILES["gpu"]
+    cfg = bench.synthetic_model_cfg(p, seed=0)
+    assert (cfg.num_features, cfg.hidden_dim) == (16_384, 768)
+    h = cfg.hierarchy
+    assert (h.total_root_nodes, h.branching_factor, h.max_depth) == (128, 4, 3)
+    assert h.scale_children_by_parent and h.mutually_exclusive_portion == 1.0
+    assert cfg.correlation.rank == 25 and cfg.bias == 0.5 and cfg.seed == 42
+    # 128 roots x (1 + 4 + 16 + 64) tree features + the rest outside any tree.
+    assert 128 * 85 + p.n_free == cfg.num_features
+    hsae = bench.sae_cfg("hierarchical", bench.sae_shape(p, "match"), p.l0, [4.0, 8.0, 12.0], 768, {})
+    flat = bench.sae_cfg("batchtopk", bench.sae_shape(p, "match"), p.l0, [4.0, 8.0, 12.0], 768, {},
+                         flat_width=p.flat_width)
+    assert flat.d_sae == 4096 and flat.k == 25
+    assert hsae.d_sae == 4032 and abs(sum(hsae.k_per_level) - 25) < 0.05
+
+
+def test_a_deeper_truth_than_the_hsae_runs_end_to_end():
+    """A 4-level truth (depth 3, as SynthSAEBench), a fixed L0 and a separate flat width: the
+    GPU profile's code paths on a world small enough for CI."""
+    bench = _bench()
+    p = bench.Profile(n_roots=3, branching=2, n_free=6, hidden_dim=16, training_samples=8_192,
+                      seeds=[0], shapes=["match"], l0_factors=[1.0], eval_samples=2_000,
+                      batch_size=512, depth=3, hsae_widths=[4, 8, 16], flat_width=32, l0=3.0)
+    torch.set_num_threads(1)
+    rows = {c: bench.run_one(p, c, "match", 0, 1.0) for c in ("hierarchical", "batchtopk")}
+    assert rows["hierarchical"]["d_sae"] == 28 and rows["batchtopk"]["d_sae"] == 32
+    for r in rows.values():
+        assert abs(r["l0"] - 3.0) < 0.5, r["l0"]
+        assert 0 <= r["mcc"] <= 1 and math.isfinite(r["explained_variance"])
+        assert "mcc_level_3" in r  # the truth's fourth level is scored too
