@@ -152,7 +152,8 @@ def load_data(run: Run, model: Any, seed: int) -> tuple[Any, Any]:
 
 
 def run_one(run: Run, profile: Profile, work: Path, contestants: list[str],
-            model: Any = None, data: tuple[Any, Any] | None = None) -> dict[str, Any]:
+            model: Any = None, data: tuple[Any, Any] | None = None,
+            hsae_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train every contestant on `run` from one model pass, evaluate, return the result rows."""
     from sae_lens_hierarchical import models
 
@@ -164,7 +165,7 @@ def run_one(run: Run, profile: Profile, work: Path, contestants: list[str],
     timings["load"] = time.perf_counter() - t
     d_in = int(model.cfg.d_model)
     cfgs = main_job.sae_configs(d_in, run.level_widths, run.k_per_level, contestants,
-                                threshold_lr=run.threshold_lr)
+                                hsae_options=hsae_options, threshold_lr=run.threshold_lr)
     tag = f"{run.model}_{run.hook}".replace("/", "_")
     sae_root = work / tag / "saes"
     t = time.perf_counter()
@@ -293,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--contestants", nargs="+", default=CONTESTANTS, choices=CONTESTANTS)
     ap.add_argument("--tokens", type=int, help="override the profile's training tokens per run")
     ap.add_argument("--tag", default="", help="suffix for the result files")
+    ap.add_argument("--hsae", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a hierarchical config field (YAML value), e.g. --hsae reseat_every=50")
     ap.add_argument("--note", action="append", default=[], help="a line for the results' notes")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--work", type=Path, default=Path("hsae_runs/lm_bench"))
@@ -302,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("the contestants must include hierarchical")
     args.contestants = ["hierarchical"] + [c for c in args.contestants if c != "hierarchical"]
 
+    import yaml
+
+    hsae_options = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.hsae)}
     profile = copy.deepcopy(PROFILES[args.profile])
     if args.models:
         profile.runs = [r for r in profile.runs if r.model in args.models]
@@ -313,11 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     start = time.perf_counter()
     load_start = main_job.load_average()
-    work = args.work / (args.profile + args.tag)
+    work = args.work / (args.profile + (f"_{args.tag}" if args.tag else ""))
     results = []
     for run in profile.runs:
         print(f"\n=== {run.model} {run.hook}: {', '.join(args.contestants)}", flush=True)
-        results.append(run_one(run, profile, work, args.contestants))
+        results.append(run_one(run, profile, work, args.contestants, hsae_options=hsae_options))
     data = {
         "meta": {
             "profile": args.profile, "command": "python benchmarks/lm_hierarchy.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -328,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"lm_{args.profile}{args.tag}"
+    stem = f"lm_{args.profile}" + (f"_{args.tag}" if args.tag else "")
     (args.out / f"{stem}.json").write_text(json.dumps(data, indent=2, default=str))
     (args.out / f"{stem}.md").write_text(markdown(data))
     print(f"\nwrote {args.out / (stem + '.md')} ({data['meta']['wall_s']:.0f} s)")

@@ -298,6 +298,10 @@ class HierarchicalTrainingSAEConfig(_TreeFields, TrainingSAEConfig):
     """Train ungated until this step, then move each child slot under the parent it co-fires with most."""
     tree_fit_stat_steps: int = 100
     """Steps just before tree_fit_step over which child/parent co-firing is counted."""
+    reseat_every: int | None = None
+    """Every N steps move dead child slots under the parents their siblings cover least (unfactored only)."""
+    reseat_stat_steps: int = 50
+    """Steps before each re-seat over which uncovered parent firings and their residuals are summed."""
 
     @override
     @classmethod
@@ -332,6 +336,14 @@ class HierarchicalTrainingSAEConfig(_TreeFields, TrainingSAEConfig):
             raise _bad("tree_fit_step", self.tree_fit_step, "it must be None or >= 1")
         if self.tree_fit_stat_steps < 1:
             raise _bad("tree_fit_stat_steps", self.tree_fit_stat_steps, "it must be >= 1")
+        if self.reseat_every is not None:
+            if self.reseat_every < 2:
+                raise _bad("reseat_every", self.reseat_every, "it must be None or >= 2")
+            if self.projection_rank is not None:
+                raise _bad("reseat_every", self.reseat_every,
+                           "re-seating needs projection_rank: null (a subspace holds exactly b children)")
+        if not 1 <= self.reseat_stat_steps:
+            raise _bad("reseat_stat_steps", self.reseat_stat_steps, "it must be >= 1")
         if self.aux_k is not None and self.aux_k < 1:
             raise _bad("aux_k", self.aux_k, "it must be None or >= 1")
         if self.level_recon_weights is None:
@@ -463,12 +475,40 @@ class _HierarchicalMixin:
     @property
     def parent_index(self) -> torch.Tensor:
         """LongTensor [d_sae]: the parent of each latent, -1 for roots."""
-        parts = [torch.full((self.cfg.level_widths[0],), -1, dtype=torch.long)]
-        for level in range(1, self.n_levels):
-            start = self.level_slices[level - 1].start
-            b = self.cfg.branching[level - 1]
-            parts.append(start + torch.arange(self.cfg.level_widths[level]) // b)
-        return torch.cat(parts).to(self.b_dec.device)
+        return self.tree_parent
+
+    def _default_parent_index(self) -> torch.Tensor:
+        """The fixed layout: children contiguous, b per parent, in parent order."""
+        return default_parent_index(self.cfg)
+
+    def _local_parents(self, level: int) -> torch.Tensor:
+        """LongTensor [n_level]: each latent's parent as an index into level-1."""
+        return self.tree_parent[self.level_slices[level]] - self.level_slices[level - 1].start
+
+    def _set_tree(self, parent_index: torch.Tensor) -> None:
+        self.tree_parent.copy_(parent_index)
+        self._note_tree_changed()
+
+    def _note_tree_changed(self, parent_index: torch.Tensor | None = None) -> None:
+        tree = self.tree_parent if parent_index is None else parent_index
+        # (a model built on the meta device to be loaded into holds the default layout)
+        self._contiguous = tree.is_meta or bool(torch.equal(tree.cpu(), self._default_parent_index()))
+        self._kids_cache: dict[Any, torch.Tensor] = {}
+
+    def _kids(self, level: int) -> torch.Tensor:
+        """LongTensor [n_{level-1}, max children]: each parent's children at `level`, -1 padded."""
+        key = (level, self.tree_parent.device)
+        if key not in self._kids_cache:
+            par = self._local_parents(level)
+            n_par = self.cfg.level_widths[level - 1]
+            order = torch.argsort(par, stable=True)
+            counts = torch.bincount(par, minlength=n_par)
+            starts = torch.cumsum(counts, 0) - counts
+            rank = torch.arange(par.numel(), device=par.device) - starts[par[order]]
+            table = torch.full((n_par, max(int(counts.max()), 1)), -1, dtype=torch.long, device=par.device)
+            table[par[order], rank] = order
+            self._kids_cache[key] = table
+        return self._kids_cache[key]
 
     @property
     def latent_levels(self) -> torch.Tensor:
@@ -495,12 +535,8 @@ class _HierarchicalMixin:
 
     def tree_children(self, j: int) -> list[int]:
         """Flat indices of latent j's children (empty for leaves)."""
-        level = self.level_of(j)
-        if level == self.n_levels - 1:
-            return []
-        b = self.cfg.branching[level]
-        first = self.level_slices[level + 1].start + (j - self.level_slices[level].start) * b
-        return list(range(first, first + b))
+        self.level_of(j)  # range check
+        return (self.tree_parent == j).nonzero().flatten().tolist()
 
     def path(self, j: int) -> list[int]:
         """Flat indices from the root down to latent j (inclusive)."""
@@ -519,6 +555,10 @@ class _HierarchicalMixin:
         mix = getattr(cfg, "child_init_parent_mix", 0.0)
         self.b_dec = nn.Parameter(torch.zeros(d, **kw))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
+        # Each latent's parent (-1 for roots). The layout starts contiguous (b children per
+        # parent); re-seating (training) may move children, so it is state, saved and loaded.
+        self.register_buffer("tree_parent", default_parent_index(cfg).to(self.device))
+        self._note_tree_changed()
 
         def unit(x: torch.Tensor) -> torch.Tensor:
             return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
@@ -623,8 +663,10 @@ class _HierarchicalMixin:
         self.b_dec.data /= s
 
     # --- the gated, level-by-level activation ------------------------------------------
-    def _gate(self, acts: torch.Tensor, parent_on: torch.Tensor) -> torch.Tensor:
+    def _gate(self, acts: torch.Tensor, parent_on: torch.Tensor, level: int) -> torch.Tensor:
         """Zero every child whose parent is off. acts [..., n_l], parent_on [..., n_{l-1}]."""
+        if not self._contiguous:
+            return acts * parent_on[..., self._local_parents(level)]
         n_par = parent_on.shape[-1]
         gated = acts.unflatten(-1, (n_par, acts.shape[-1] // n_par)) * parent_on.unsqueeze(-1)
         return gated.flatten(-2)
@@ -642,7 +684,7 @@ class _HierarchicalMixin:
         for level, pre in enumerate(hidden_pre.split(self.cfg.level_widths, dim=-1)):
             acts = pre.relu()
             if parent_on is not None and gated:
-                acts = self._gate(acts, parent_on)
+                acts = self._gate(acts, parent_on, level)
             acts = select(level, acts, pre)
             parent_on = acts > 0
             outs.append(acts)
@@ -734,6 +776,7 @@ class HierarchicalSAE(_HierarchicalMixin, SAE[HierarchicalSAEConfig]):
         # convert it to the inference form so SAE.load_from_disk(checkpoint) is exact.
         _pop_checkpoint_extras(state_dict)  # training-only state of a checkpoint
         upgrade_legacy_state(state_dict, self.cfg)
+        _load_tree(self, state_dict)
         if "topk_threshold" in state_dict:
             check_loaded_state(self, state_dict, skip=("threshold", "topk_threshold", "tree_fitted"))
             if tuple(state_dict["topk_threshold"].shape) != (self.cfg.n_levels,):
@@ -744,6 +787,36 @@ class HierarchicalSAE(_HierarchicalMixin, SAE[HierarchicalSAEConfig]):
                 )
             _training_to_inference_state(state_dict, self.cfg)
         check_loaded_state(self, state_dict)
+        _accept_tree(self, state_dict)
+
+
+def _load_tree(sae: Any, state_dict: dict[str, Any]) -> None:
+    """Files from before re-seating have no tree_parent: they use the fixed layout."""
+    tree = state_dict.setdefault("tree_parent", default_parent_index(sae.cfg))
+    state_dict["tree_parent"] = tree.long()  # (loaders may cast every tensor to the cfg dtype)
+
+
+def _accept_tree(sae: Any, state_dict: dict[str, Any]) -> None:
+    """Check a loaded tree (each latent's parent one level up), after the shapes were checked."""
+    cfg = sae.cfg
+    default = default_parent_index(cfg)
+    tree = state_dict["tree_parent"]
+    if not torch.equal(tree.cpu(), default):
+        t = tree.cpu().long()
+        for level, sl in enumerate(cfg.level_slices):
+            lo, hi = (-1, -1) if level == 0 else (cfg.level_slices[level - 1].start, sl.start - 1)
+            bad = ((t[sl] < lo) | (t[sl] > hi)).nonzero().flatten()
+            if len(bad):
+                j = int(bad[0]) + sl.start
+                raise HierarchicalSAELoadError(
+                    f"sae_weights.safetensors: tensor 'tree_parent' gives latent {j} (level "
+                    f"{level}) the parent {int(t[j])}; a level-{level} latent's parent must be "
+                    f"{'-1' if level == 0 else f'in [{lo}, {hi}]'}")
+        if cfg.projection_rank is not None:
+            raise HierarchicalSAELoadError(
+                "sae_weights.safetensors: tensor 'tree_parent' holds a re-seated tree, but cfg.json "
+                f"has projection_rank={cfg.projection_rank}: factored children need the fixed layout")
+    sae._note_tree_changed(tree)
 
 
 def _training_to_inference_state(state_dict: dict[str, Any], cfg: _TreeFields) -> None:
@@ -814,6 +887,10 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
         # during the counting window and dropped after the fit).
         self._cofire: dict[int, torch.Tensor] = {}
         self._fire: dict[int, torch.Tensor] = {}
+        # Re-seating statistics: per child level, uncovered firings and residual sums of
+        # each parent (plain attributes, rebuilt in each counting window).
+        self._uncovered: dict[int, torch.Tensor] = {}
+        self._uncovered_resid: dict[int, torch.Tensor] = {}
         # Steps trained, and the correction from SAELens's step label to it (see _step).
         self._steps_done = 0
         self._step_offset = 0
@@ -883,14 +960,22 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
             idx = pos if cand_idx is None else cand_idx.index_select(0, pos)
             min_kept = torch.where(vals > 0, vals, torch.inf).min()
             self._level_min_kept.append(min_kept)
-            outs.append(flat_pre.new_zeros(flat_pre.shape).index_put((idx,), vals).view_as(pre))
-            if level + 1 < cfg.n_levels:
+            # Re-seated trees pad each parent's child list, so padding may repeat an index
+            # (with value 0): accumulate, which leaves the real entry's value intact.
+            outs.append(flat_pre.new_zeros(flat_pre.shape).index_put(
+                (idx,), vals, accumulate=not self._contiguous).view_as(pre))
+            if level + 1 < cfg.n_levels and self._contiguous:
                 # The kept parents' children: entries idx*b .. idx*b + b-1 of the next level
                 # (children are contiguous per parent, and a token's row of n_l children
                 # starts where its row of n_{l-1} parents does, times b).
                 b = cfg.branching[level]
                 cand_idx = (idx.unsqueeze(-1) * b + torch.arange(b, device=idx.device)).reshape(-1)
                 cand_ok = (vals > 0).repeat_interleave(b).to(vals.dtype)
+            elif level + 1 < cfg.n_levels:
+                n_par, n_child = cfg.level_widths[level], cfg.level_widths[level + 1]
+                kid = self._kids(level + 1)[idx % n_par]  # [n_keep, max children]
+                cand_idx = ((idx // n_par).unsqueeze(-1) * n_child + kid.clamp(min=0)).reshape(-1)
+                cand_ok = ((kid >= 0) & (vals > 0).unsqueeze(-1)).reshape(-1).to(vals.dtype)
         return outs
 
     @override
@@ -914,6 +999,10 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
         if fit_at is not None and not bool(self.tree_fitted) and n_step >= fit_at:
             # Before the forward pass: the weights move here, and autograd must not see it.
             self.fit_tree()
+        every = cfg.reseat_every
+        gated_now = cfg.tree_fit_step is None or bool(self.tree_fitted)
+        if every and gated_now and n_step > 0 and n_step % every == 0 and self._uncovered:
+            self.reseat(step_input.dead_neuron_mask)  # before the forward pass, as fit_tree
         levels, hidden_pre, unit_W_dec = self._encode(x)
         cat = torch.cat(levels, dim=-1)
         acts = self.hook_sae_acts_post(cat)
@@ -940,10 +1029,14 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
         sae_out = self.hook_sae_recons(recon)
         sae_out = self.run_time_activation_norm_fn_out(sae_out)
         losses = {"mse_loss": mse, **losses}
+        if every and gated_now and (n_step % every) >= every - cfg.reseat_stat_steps:
+            self._count_uncovered(levels, (x - recon).detach())
 
         zero = x.new_zeros(())
         losses["kl_consistency_loss"] = (
-            cfg.kl_coefficient * level_kl(levels, cfg) if cfg.kl_coefficient > 0 else zero
+            cfg.kl_coefficient * level_kl(levels, cfg, parents=None if self._contiguous else [
+                self._local_parents(lv) for lv in range(1, cfg.n_levels)])
+            if cfg.kl_coefficient > 0 else zero
         )
         losses["l2_consistency_loss"] = (
             cfg.l2_coefficient * self._l2_consistency(levels, unit_W_dec)
@@ -1017,9 +1110,7 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
         allowed = torch.ones_like(hidden_pre, dtype=torch.bool)
         for level in range(1, self.n_levels):
             parent_on = acts[..., self.level_slices[level - 1]] > 0
-            allowed[..., self.level_slices[level]] = parent_on.repeat_interleave(
-                self.cfg.branching[level - 1], dim=-1
-            )
+            allowed[..., self.level_slices[level]] = parent_on[..., self._local_parents(level)]
         cand = torch.where(dead_mask & allowed, hidden_pre, -torch.inf)
         top = cand.topk(k_aux, dim=-1, sorted=False)
         vals = torch.where(torch.isfinite(top.values), top.values, 0.0)
@@ -1030,12 +1121,15 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
         out = levels[0].new_zeros(())
         rows = unit_W_dec.split(cfg.level_widths)
         for level in range(1, cfg.n_levels):
-            b = cfg.branching[level - 1]
+            par = self._local_parents(level)
             if cfg.l2_form == "decoder":
-                diff = rows[level].unflatten(0, (-1, b)) - rows[level - 1].unsqueeze(1)
-                out = out + diff.pow(2).sum(-1).mean()
+                # mean over parents of the mean squared distance to their children
+                diff = (rows[level] - rows[level - 1][par]).pow(2).sum(-1)
+                per_parent = diff.new_zeros(rows[level - 1].shape[0]).index_add(0, par, diff)
+                counts = torch.bincount(par, minlength=rows[level - 1].shape[0]).clamp(min=1)
+                out = out + (per_parent / counts).mean()
             else:  # Luo et al.: the parent's activation should equal its children's sum.
-                child_sum = levels[level].unflatten(-1, (-1, b)).sum(-1)
+                child_sum = _pool_children(levels[level], par, levels[level - 1].shape[-1])
                 out = out + (levels[level - 1] - child_sum).pow(2).sum(-1).mean()
         return out
 
@@ -1048,6 +1142,61 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
             old = self.topk_threshold
             # A level that kept nothing this batch (min is inf) keeps its threshold.
             self.topk_threshold.copy_(torch.where(torch.isfinite(mins), (1 - lr) * old + lr * mins, old))
+
+    # --- re-seating -------------------------------------------------------------------------
+    # A fixed layout gives every parent b children, but parents need different numbers:
+    # some children never win a token (dead), while other parents fire with none of their
+    # children on. Every reseat_every steps each dead child slot moves (with its subtree)
+    # under the parent with the most such uncovered firings, its directions set to the mean
+    # residual there, so aux-k within the parent can grow it into what that parent lacks.
+
+    @torch.no_grad()
+    def _count_uncovered(self, levels: list[torch.Tensor], residual: torch.Tensor) -> None:
+        res = residual.reshape(-1, residual.shape[-1]).float()
+        for level in range(1, self.n_levels):
+            par_on = levels[level - 1].reshape(-1, levels[level - 1].shape[-1]) > 0
+            kids_on = _pool_children((levels[level].reshape(-1, levels[level].shape[-1]) > 0).float(),
+                                     self._local_parents(level), par_on.shape[-1]) > 0
+            unc = (par_on & ~kids_on).float()  # [tokens, n_par]
+            cnt, rsum = unc.sum(0), unc.T @ res
+            if level in self._uncovered:
+                self._uncovered[level] += cnt
+                self._uncovered_resid[level] += rsum
+            else:
+                self._uncovered[level], self._uncovered_resid[level] = cnt, rsum
+
+    @torch.no_grad()
+    def reseat(self, dead_mask: torch.Tensor | None) -> int:
+        """Move dead child slots under the parents with the most uncovered firings; returns
+        how many moved. Each move halves that parent's remaining claim, so one hungry parent
+        does not take every dead slot."""
+        moved = 0
+        if dead_mask is not None:
+            tree = self.tree_parent.clone()
+            for level in range(1, self.n_levels):
+                if level not in self._uncovered:
+                    continue
+                sl, psl = self.level_slices[level], self.level_slices[level - 1]
+                dead = dead_mask[sl].nonzero().flatten().tolist()
+                claim = self._uncovered[level].clone()
+                resid = self._uncovered_resid[level]
+                for c in dead:
+                    p = int(claim.argmax())
+                    if float(claim[p]) < 1:
+                        break
+                    claim[p] /= 2
+                    j = sl.start + c
+                    tree[j] = psl.start + p
+                    direction = resid[p] / resid[p].norm().clamp(min=1e-12)
+                    norm = self.W_dec.data[sl].norm(dim=-1).mean()
+                    self.W_dec.data[j] = (direction * norm).to(self.W_dec.dtype)
+                    self.W_enc.data[:, j] = direction.to(self.W_enc.dtype)
+                    self.b_enc.data[j] = 0
+                    moved += 1
+            if moved:
+                self._set_tree(tree)
+        self._uncovered, self._uncovered_resid = {}, {}
+        return moved
 
     # --- tree fitting ----------------------------------------------------------------------
     # A fixed tree says nothing about which learned feature lands in which slot. Trained
@@ -1160,6 +1309,7 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
         cofire, fire, steps = _pop_checkpoint_extras(state_dict)
         upgrade_legacy_state(state_dict, self.cfg)
+        _load_tree(self, state_dict)
         if cofire:
             self._cofire, self._fire = cofire, fire
         if steps is not None:
@@ -1177,6 +1327,7 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
                 [thr[sl.start] for sl in self.level_slices]
             ).double()
         check_loaded_state(self, state_dict)
+        _accept_tree(self, state_dict)
 
     @override
     @torch.no_grad()
@@ -1254,13 +1405,30 @@ def _fit_subspaces(vecs: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tens
     return basis.to(vecs.dtype), codes.to(vecs.dtype)
 
 
-def level_kl(acts: torch.Tensor | list[torch.Tensor], cfg: _TreeFields, eps: float = 1e-6) -> torch.Tensor:
+def default_parent_index(cfg: _TreeFields) -> torch.Tensor:
+    """LongTensor [d_sae]: the fixed layout's parents (children contiguous, b per parent)."""
+    parts = [torch.full((cfg.level_widths[0],), -1, dtype=torch.long)]
+    for level in range(1, cfg.n_levels):
+        start = cfg.level_slices[level - 1].start
+        parts.append(start + torch.arange(cfg.level_widths[level]) // cfg.branching[level - 1])
+    return torch.cat(parts)
+
+
+def _pool_children(child: torch.Tensor, parents: torch.Tensor, n_par: int) -> torch.Tensor:
+    """Sum each parent's children: child [..., n_l], parents Long[n_l] -> [..., n_par]."""
+    out = child.new_zeros(*child.shape[:-1], n_par)
+    return out.index_add(-1, parents, child)
+
+
+def level_kl(acts: torch.Tensor | list[torch.Tensor], cfg: _TreeFields, eps: float = 1e-6,
+             parents: list[torch.Tensor] | None = None) -> torch.Tensor:
     """KL(pi_l || pooled children) summed over parent levels, averaged over counted tokens.
 
     acts ([..., d_sae], or one tensor per level) are in unit-decoder units, so they are the
     activation mass a_j * ||W_dec[j]||. pi_l is each token's distribution of mass over
     level l; the pooled distribution puts the mass of level l+1 on its parents. Tokens with
-    no mass on either side are skipped.
+    no mass on either side are skipped. `parents` (per child level, each child's parent
+    within the level above) is needed once children were re-seated; None = the fixed layout.
     """
     if isinstance(acts, torch.Tensor):
         acts = list(acts.split(cfg.level_widths, dim=-1))
@@ -1269,7 +1437,8 @@ def level_kl(acts: torch.Tensor | list[torch.Tensor], cfg: _TreeFields, eps: flo
     for level in range(cfg.n_levels - 1):
         b = cfg.branching[level]
         parent_mass = levels[level]
-        pooled = levels[level + 1].unflatten(-1, (-1, b)).sum(-1)
+        pooled = (levels[level + 1].unflatten(-1, (-1, b)).sum(-1) if parents is None
+                  else _pool_children(levels[level + 1], parents[level], parent_mass.shape[-1]))
         ps, qs = parent_mass.sum(-1, keepdim=True), pooled.sum(-1, keepdim=True)
         # Mask rather than gather the counted tokens: no data-dependent shapes, no host sync.
         keep = ((ps > 0) & (qs > 0)).squeeze(-1).to(parent_mass.dtype)

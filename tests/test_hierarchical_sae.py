@@ -403,8 +403,8 @@ def _dense_gated_batchtopk(sae, hidden_pre):
     outs, parent_on = [], None
     for level, sl in enumerate(sae.level_slices):
         acts = hidden_pre[..., sl].relu()
-        if parent_on is not None:
-            acts = (acts.unflatten(-1, (parent_on.shape[-1], -1)) * parent_on.unsqueeze(-1)).flatten(-2)
+        if parent_on is not None:  # each child times its own parent's on/off (any tree)
+            acts = acts * parent_on[:, sae.parent_index[sl] - sae.level_slices[level - 1].start]
         flat = acts.flatten()
         vals, idx = flat.topk(int(sae.cfg.k_per_level[level] * acts.shape[0]))
         acts = torch.zeros_like(flat).scatter(0, idx, vals).view_as(acts)
@@ -676,3 +676,105 @@ def test_aux_within_parent_only_revives_children_whose_parent_is_on():
     assert not (chosen[:, 4:20] & ~parent_on).any()  # never under an inactive parent
     # a token whose roots are all off gets no aux activations at all (no -inf leaks)
     assert torch.isfinite(aux).all()
+
+
+
+# ------------------------------------------------------------- re-seating children
+
+
+def _shuffled_tree(sae, seed=0):
+    """A valid non-contiguous tree: every child under a random parent one level up."""
+    g = torch.Generator().manual_seed(seed)
+    tree = sae.parent_index.clone()
+    for level in range(1, sae.n_levels):
+        sl, psl = sae.level_slices[level], sae.level_slices[level - 1]
+        tree[sl] = psl.start + torch.randint(0, psl.stop - psl.start, (sl.stop - sl.start,), generator=g)
+    return tree
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sparse_selection_on_a_reseated_tree_equals_the_dense_reference(seed):
+    sae = training_sae("batchtopk", rank=None, seed=seed, k_per_level=[1.5, 2.0, 3.0])
+    warm_up(sae, 5)
+    sae._set_tree(_shuffled_tree(sae, seed))
+    assert not sae._contiguous and sae._kids(1).shape[1] != 4  # some parent has != 4 children
+    x = inputs(96, seed=seed)
+    hidden_pre = sae.encode_with_hidden_pre(x)[1].detach().requires_grad_(True)
+    got = torch.cat(sae._batchtopk_levels(hidden_pre), -1)
+    ref_pre = hidden_pre.detach().clone().requires_grad_(True)
+    want = _dense_gated_batchtopk(sae, ref_pre)
+    torch.testing.assert_close(got, want)
+    assert _violations(got, sae.parent_index) == 0 and (got > 0).sum() > 100
+    w = torch.randn_like(got)
+    (got * w).sum().backward()
+    (want * w).sum().backward()
+    torch.testing.assert_close(hidden_pre.grad, ref_pre.grad)
+
+
+def test_level_kl_on_a_reseated_tree_matches_the_general_metric():
+    sae = training_sae("relu", rank=None)
+    sae._set_tree(_shuffled_tree(sae))
+    acts = step(sae, inputs(256) * 3).feature_acts.detach()
+    parents = [sae._local_parents(lv) for lv in range(1, 3)]
+    general = consistency_kl(acts, sae.parent_index, None)
+    torch.testing.assert_close(level_kl(acts, sae.cfg, parents=parents), general, atol=1e-5, rtol=1e-4)
+
+
+def test_reseat_moves_dead_children_under_the_parent_with_most_uncovered_firings():
+    sae = training_sae("batchtopk", rank=None, reseat_every=10)
+    x = inputs(256)
+    levels, _, _ = sae._encode(x)
+    recon = sae.decode(torch.cat(levels, -1)).detach()
+    sae._count_uncovered(levels, x - recon)
+    unc = sae._uncovered[1].clone()
+    hungry = int(unc.argmax())
+    assert unc[hungry] > 0
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[[4, 5]] = True  # two level-1 children of root 0
+    before = sae.parent_index.clone()
+    assert sae.reseat(dead) == 2
+    tree = sae.parent_index
+    assert tree[4] == hungry  # the hungriest root takes the first one
+    assert (tree != before).sum() <= 2 and sae._uncovered == {}
+    # its new decoder row points along that parent's uncovered residual
+    direction = torch.nn.functional.normalize(
+        ((x - recon) * ((levels[0][:, hungry] > 0) & ~(levels[1][:, 4 * hungry:4 * hungry + 4] > 0).any(-1)).unsqueeze(-1).float()).sum(0), dim=0)
+    cos = torch.nn.functional.cosine_similarity(sae.W_dec[4].detach(), direction, dim=0)
+    assert cos > 0.999
+    out = step(sae, x)
+    assert _violations(out.feature_acts, tree) == 0
+
+
+@pytest.mark.parametrize("cls", [SAE, TrainingSAE])
+def test_a_reseated_tree_saves_and_loads(cls, tmp_path):
+    sae = training_sae("batchtopk", rank=None)
+    warm_up(sae, 5)
+    sae._set_tree(_shuffled_tree(sae))
+    x = inputs(64)
+    if cls is SAE:
+        sae.save_inference_model(str(tmp_path))
+    else:
+        sae.save_model(str(tmp_path))
+    loaded = cls.load_from_disk(str(tmp_path))
+    assert torch.equal(loaded.parent_index, sae.parent_index) and not loaded._contiguous
+    assert loaded.parent_index.dtype == torch.long
+    acts = loaded.encode(x)
+    assert _violations(acts, loaded.parent_index) == 0 and (acts > 0).any()
+    assert loaded.tree_children(0) == (sae.parent_index == 0).nonzero().flatten().tolist()
+
+
+def test_an_impossible_tree_in_a_file_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    sae = training_sae("batchtopk", rank=None)
+    sae.save_model(str(tmp_path))
+    tensors = load_file(str(tmp_path / "sae_weights.safetensors"))
+    tensors["tree_parent"][30] = 2  # a level-2 latent under a root
+    save_file(tensors, str(tmp_path / "sae_weights.safetensors"))
+    with pytest.raises(h.HierarchicalSAELoadError, match=r"'tree_parent' gives latent 30 \(level 2\) the parent 2"):
+        SAE.load_from_disk(str(tmp_path))
+
+
+def test_reseating_needs_unfactored_children():
+    with pytest.raises(ValueError, match="reseat_every=10 is invalid; re-seating needs projection_rank: null"):
+        train_cfg("batchtopk", 4, reseat_every=10)
