@@ -302,6 +302,8 @@ class HierarchicalTrainingSAEConfig(_TreeFields, TrainingSAEConfig):
     """Every N steps move dead child slots under the parents their siblings cover least (unfactored only)."""
     reseat_stat_steps: int = 50
     """Steps before each re-seat over which uncovered parent firings and their residuals are summed."""
+    reseat_until: int | None = None
+    """No re-seat at or after this step (moved slots need steps to train); None = no limit."""
 
     @override
     @classmethod
@@ -891,6 +893,9 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
         # each parent (plain attributes, rebuilt in each counting window).
         self._uncovered: dict[int, torch.Tensor] = {}
         self._uncovered_resid: dict[int, torch.Tensor] = {}
+        # Slots moved at the last re-seat: SAELens still counts them dead until they first
+        # fire, so they sit out one round instead of being moved again straight away.
+        self._just_moved: set[int] = set()
         # Steps trained, and the correction from SAELens's step label to it (see _step).
         self._steps_done = 0
         self._step_offset = 0
@@ -1001,6 +1006,8 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
             self.fit_tree()
         every = cfg.reseat_every
         gated_now = cfg.tree_fit_step is None or bool(self.tree_fitted)
+        if cfg.reseat_until is not None and n_step >= cfg.reseat_until:
+            every = None
         if every and gated_now and n_step > 0 and n_step % every == 0 and self._uncovered:
             self.reseat(step_input.dead_neuron_mask)  # before the forward pass, as fit_tree
         levels, hidden_pre, unit_W_dec = self._encode(x)
@@ -1171,13 +1178,15 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
         how many moved. Each move halves that parent's remaining claim, so one hungry parent
         does not take every dead slot."""
         moved = 0
+        just_moved: set[int] = set()
         if dead_mask is not None:
             tree = self.tree_parent.clone()
             for level in range(1, self.n_levels):
                 if level not in self._uncovered:
                     continue
                 sl, psl = self.level_slices[level], self.level_slices[level - 1]
-                dead = dead_mask[sl].nonzero().flatten().tolist()
+                dead = [c for c in dead_mask[sl].nonzero().flatten().tolist()
+                        if sl.start + c not in self._just_moved]
                 claim = self._uncovered[level].clone()
                 resid = self._uncovered_resid[level]
                 for c in dead:
@@ -1192,10 +1201,12 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
                     self.W_dec.data[j] = (direction * norm).to(self.W_dec.dtype)
                     self.W_enc.data[:, j] = direction.to(self.W_enc.dtype)
                     self.b_enc.data[j] = 0
+                    just_moved.add(j)
                     moved += 1
             if moved:
                 self._set_tree(tree)
         self._uncovered, self._uncovered_resid = {}, {}
+        self._just_moved = just_moved
         return moved
 
     # --- tree fitting ----------------------------------------------------------------------

@@ -778,3 +778,36 @@ def test_an_impossible_tree_in_a_file_is_named(tmp_path):
 def test_reseating_needs_unfactored_children():
     with pytest.raises(ValueError, match="reseat_every=10 is invalid; re-seating needs projection_rank: null"):
         train_cfg("batchtopk", 4, reseat_every=10)
+
+
+def test_a_slot_moved_at_one_reseat_sits_out_the_next():
+    sae = training_sae("batchtopk", rank=None, reseat_every=10)
+    x = inputs(256)
+
+    def count():
+        levels, _, _ = sae._encode(x)
+        sae._count_uncovered(levels, x - sae.decode(torch.cat(levels, -1)).detach())
+
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[[4, 5]] = True
+    count()
+    assert sae.reseat(dead) == 2
+    count()
+    assert sae.reseat(dead) == 0  # still "dead" by SAELens's count, but just moved
+    count()
+    assert sae.reseat(dead) == 2  # a round later they may move again
+
+
+def test_reseat_runs_on_schedule_and_stops_at_reseat_until():
+    from sae_lens.saes.sae import TrainStepInput
+
+    sae = training_sae("batchtopk", rank=None, reseat_every=4, reseat_stat_steps=2, reseat_until=9)
+    calls = []
+    real = sae.reseat
+    sae.reseat = lambda dead: calls.append(sae._steps_done) or real(dead)  # type: ignore[method-assign]
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    for n in range(14):
+        sae.training_forward_pass(TrainStepInput(sae_in=inputs(64, seed=n), coefficients={},
+                                                 dead_neuron_mask=dead, n_training_steps=n,
+                                                 is_logging_step=False))
+    assert calls == [4, 8]  # steps 4 and 8; 12 is past reseat_until
