@@ -1091,7 +1091,32 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="skip report.md (the eval report with its many plots)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device)
+    p.add_argument("--hsae", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a hierarchical SAE config field (YAML value), e.g. --hsae reseat_every=50")
     return p
+
+
+def _hsae_options(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--hsae {item!r}: expected KEY=VALUE, e.g. --hsae reseat_every=50")
+        out[key] = yaml.safe_load(value)
+    import dataclasses
+    import difflib
+
+    from sae_lens_hierarchical.hierarchical_sae import HierarchicalTrainingSAEConfig
+
+    known = {f.name for f in dataclasses.fields(HierarchicalTrainingSAEConfig)}
+    for key in out:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            raise ValueError(f"--hsae {key}=...: no such hierarchical SAE config field"
+                             + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return out
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
@@ -1102,6 +1127,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         text=args.text, max_chars=args.max_chars, eval_prompts=args.eval_prompts,
         core_recon_batches=args.core_batches, tree_prompts=args.tree_prompts, evals=args.evals,
         full_report=args.full_report, seed=args.seed, device=args.device,
+        hsae_options=_hsae_options(getattr(args, "hsae", [])),
     )
 
 
@@ -1109,8 +1135,8 @@ def main_from_args(args: argparse.Namespace) -> int:
     """`hsae demo`: validate the arguments, run, return the exit status."""
     from sae_lens_hierarchical import models
 
-    cfg = config_from_args(args)
     try:
+        cfg = config_from_args(args)
         if len(cfg.k_per_level) != len(cfg.branching) + 1:
             raise ValueError(
                 f"--k has {len(cfg.k_per_level)} values but --branching {cfg.branching} makes "

@@ -154,3 +154,21 @@ def test_demo_cli_parses_and_refuses_bad_levels(capsys):
     rc = cli.main(["demo", "--k", "16,64,4", "--out", "unused"])
     assert rc == 2
     assert "k_per_level" in capsys.readouterr().err
+
+
+def test_demo_hsae_options_reach_the_config_and_bad_ones_are_named(capsys):
+    import argparse
+
+    from sae_lens_hierarchical import main_job
+
+    parser = main_job.add_parser(argparse.ArgumentParser().add_subparsers())
+    cfg = main_job.config_from_args(parser.parse_args(["--hsae", "reseat_every=50", "--hsae", "kl_coefficient=0"]))
+    assert cfg.hsae_options == {"reseat_every": 50, "kl_coefficient": 0}
+    hsae_cfg = main_job.sae_configs(64, cfg.level_widths, cfg.k_per_level, cfg.contestants, cfg.hsae_options)["hsae"]
+    assert hsae_cfg.reseat_every == 50 and hsae_cfg.kl_coefficient == 0
+    assert cli.main(["demo", "--hsae", "reseat_evry=3", "--out", "unused"]) == 2
+    assert "did you mean 'reseat_every'" in capsys.readouterr().err
+    assert cli.main(["demo", "--hsae", "reseat_every", "--out", "unused"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert cli.main(["demo", "--hsae", "reseat_every=1", "--out", "unused"]) == 2
+    assert "reseat_every=1 is invalid" in capsys.readouterr().err
