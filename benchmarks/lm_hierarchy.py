@@ -294,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--contestants", nargs="+", default=CONTESTANTS, choices=CONTESTANTS)
     ap.add_argument("--tokens", type=int, help="override the profile's training tokens per run")
     ap.add_argument("--tag", default="", help="suffix for the result files")
+    ap.add_argument("--seed", type=int, help="override the profile's seed (data order and SAE init)")
     ap.add_argument("--hsae", action="append", default=[], metavar="KEY=VALUE",
                     help="override a hierarchical config field (YAML value), e.g. --hsae reseat_every=50")
     ap.add_argument("--note", action="append", default=[], help="a line for the results' notes")
@@ -309,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
 
     hsae_options = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.hsae)}
     profile = copy.deepcopy(PROFILES[args.profile])
+    if args.seed is not None:
+        profile.seed = args.seed
     if args.models:
         profile.runs = [r for r in profile.runs if r.model in args.models]
     if args.tokens:

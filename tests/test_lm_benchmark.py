@@ -69,3 +69,29 @@ def test_tiny_run_trains_evaluates_and_tabulates_every_contestant(tmp_path):
     assert "## tiny-bench, `blocks.1.hook_resid_post`" in md
     for name in names:
         assert f"| {name} |" in md
+
+
+def test_lm_seeds_reports_mean_and_sd_per_setting(tmp_path):
+    import importlib.util
+    import json as _json
+    import sys as _sys
+    from pathlib import Path as _Path
+
+    root = _Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("lm_seeds", root / "benchmarks" / "lm_seeds.py")
+    mod = importlib.util.module_from_spec(spec)
+    _sys.modules["lm_seeds"] = mod
+    spec.loader.exec_module(mod)
+    files = []
+    for seed, ce in ((1, 0.90), (2, 0.92), (3, 0.94)):
+        row = {"contestant": "hsae", "core_ce_loss_score": ce, "core_kl_div_score": 0.8,
+               "core_explained_variance": 0.85, "core_frac_alive": 0.5,
+               "hierarchy_hierarchical_consistency_score": 0.6}
+        f = tmp_path / f"s{seed}.json"
+        f.write_text(_json.dumps({"meta": {"command": f"run {seed}"}, "results": [{"rows": [row]}]}))
+        files.append(str(f))
+    out = tmp_path / "seeds.md"
+    assert mod.main([f"base={','.join(files)}", "--out", str(out)]) == 0
+    md = out.read_text()
+    assert "| base | hsae | 3 | 0.920 ± 0.020 | 0.800 ± 0.000 |" in md
+    assert "`run 2`" in md
