@@ -420,17 +420,22 @@ def test_sparse_batchtopk_selection_equals_gating_the_dense_levels(rank, seed):
     gradient must equal gating every dense level and taking its top-k."""
     sae = training_sae("batchtopk", rank=rank, seed=seed, k_per_level=[1.5, 2.0, 3.0])
     warm_up(sae, 5)
-    x = inputs(96, seed=seed)
+    got = _check_sparse_selection_against_dense(sae, inputs(96, seed=seed))
+    assert (got > 0).sum() > 0.5 * sum(sae.cfg.k_per_level) * 96  # not vacuous
+
+
+def _check_sparse_selection_against_dense(sae, x):
+    """The sparse selection and its gradient equal the dense reference; returns the selection."""
     hidden_pre = sae.encode_with_hidden_pre(x)[1].detach().requires_grad_(True)
     got = torch.cat(sae._batchtopk_levels(hidden_pre), -1)
     ref_pre = hidden_pre.detach().clone().requires_grad_(True)
     want = _dense_gated_batchtopk(sae, ref_pre)
     torch.testing.assert_close(got, want)
-    assert (got > 0).sum() > 0.5 * sum(sae.cfg.k_per_level) * 96  # not vacuous
     w = torch.randn_like(got)
     (got * w).sum().backward()
     (want * w).sum().backward()
     torch.testing.assert_close(hidden_pre.grad, ref_pre.grad)
+    return got.detach()
 
 
 def test_weights_saved_per_level_by_older_versions_still_load(tmp_path):
@@ -698,17 +703,8 @@ def test_sparse_selection_on_a_reseated_tree_equals_the_dense_reference(seed):
     warm_up(sae, 5)
     sae._set_tree(_shuffled_tree(sae, seed))
     assert not sae._contiguous and sae._kids(1).shape[1] != 4  # some parent has != 4 children
-    x = inputs(96, seed=seed)
-    hidden_pre = sae.encode_with_hidden_pre(x)[1].detach().requires_grad_(True)
-    got = torch.cat(sae._batchtopk_levels(hidden_pre), -1)
-    ref_pre = hidden_pre.detach().clone().requires_grad_(True)
-    want = _dense_gated_batchtopk(sae, ref_pre)
-    torch.testing.assert_close(got, want)
+    got = _check_sparse_selection_against_dense(sae, inputs(96, seed=seed))
     assert _violations(got, sae.parent_index) == 0 and (got > 0).sum() > 100
-    w = torch.randn_like(got)
-    (got * w).sum().backward()
-    (want * w).sum().backward()
-    torch.testing.assert_close(hidden_pre.grad, ref_pre.grad)
 
 
 def test_level_kl_on_a_reseated_tree_matches_the_general_metric():
