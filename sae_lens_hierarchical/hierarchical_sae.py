@@ -927,13 +927,19 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
         self._level_min_kept.append(min_kept)
         return acts * (acts >= min_kept)
 
-    def _encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    def _gated(self) -> bool:
+        """Whether the parent gate is on (always, unless an ungated tree-fit warm-up runs)."""
+        return self.cfg.tree_fit_step is None or bool(self.tree_fitted)
+
+    def _encode(self, x: torch.Tensor, gated: bool | None = None
+                ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """Per-level activations, hidden_pre and the unit-norm decoder."""
         sae_in = self.process_sae_in(x)
         unit_W_dec, norms = self._unit_W_dec()
         hidden_pre = self.hook_sae_acts_pre((sae_in @ self.W_enc + self.b_enc) * norms)
         self._level_min_kept = []
-        gated = self.cfg.tree_fit_step is None or bool(self.tree_fitted)
+        if gated is None:
+            gated = self._gated()
         if gated and self.cfg.variant == "batchtopk":
             levels = self._batchtopk_levels(hidden_pre)
         else:
@@ -1005,12 +1011,12 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
             # Before the forward pass: the weights move here, and autograd must not see it.
             self.fit_tree()
         every = cfg.reseat_every
-        gated_now = cfg.tree_fit_step is None or bool(self.tree_fitted)
+        gated_now = self._gated()
         if cfg.reseat_until is not None and n_step >= cfg.reseat_until:
             every = None
         if every and gated_now and n_step > 0 and n_step % every == 0 and self._uncovered:
             self.reseat(step_input.dead_neuron_mask)  # before the forward pass, as fit_tree
-        levels, hidden_pre, unit_W_dec = self._encode(x)
+        levels, hidden_pre, unit_W_dec = self._encode(x, gated=gated_now)
         cat = torch.cat(levels, dim=-1)
         acts = self.hook_sae_acts_post(cat)
         if acts is not cat:  # a hook edited the activations: the losses must see its edit
@@ -1189,6 +1195,7 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
                         if sl.start + c not in self._just_moved]
                 claim = self._uncovered[level].clone()
                 resid = self._uncovered_resid[level]
+                norm = self.W_dec.data[sl].norm(dim=-1).mean()  # a moved row gets the level's typical norm
                 for c in dead:
                     p = int(claim.argmax())
                     if float(claim[p]) < 1:
@@ -1197,7 +1204,6 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
                     j = sl.start + c
                     tree[j] = psl.start + p
                     direction = resid[p] / resid[p].norm().clamp(min=1e-12)
-                    norm = self.W_dec.data[sl].norm(dim=-1).mean()
                     self.W_dec.data[j] = (direction * norm).to(self.W_dec.dtype)
                     self.W_enc.data[:, j] = direction.to(self.W_enc.dtype)
                     self.b_enc.data[j] = 0
