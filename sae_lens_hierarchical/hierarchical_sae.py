@@ -20,6 +20,14 @@ Gating. A child can be active only if its parent is active: at every level the g
 pre-activations are `relu(pre) * (parent_act > 0)` before that level's sparsity rule runs,
 so every active latent sits on an active root-to-node path (hard gate, train and test).
 
+Free latents (`n_free`, `k_free`). Not every feature is hierarchical, and a fixed tree of the
+wrong shape cannot hold every feature that is. Free latents sit after the leaves, with no
+parent and no children; they encode what the tree leaves, r = x - x_hat_tree:
+    free = select(r @ W_enc[:, free] + b_enc[free])
+and decode like any latent, so decode stays linear. They train on r with the tree's output
+detached, so the tree trains exactly as it would without them (tested): free latents trained
+jointly with the tree take its features (the failure DESIGN.md records), these cannot.
+
 Sparsity per level (`variant`):
   "batchtopk": per-level BatchTopK with k_l while training; a per-level threshold learned
                alongside (as SAELens's BatchTopK does) replaces it at inference, so inference
@@ -91,7 +99,7 @@ def check_loaded_state(module: nn.Module, state_dict: dict[str, Any], skip: tupl
     cfg = module.cfg  # type: ignore[attr-defined]
     fields = (
         f"d_in={cfg.d_in}, d_sae={cfg.d_sae}, level_widths={cfg.level_widths}, "
-        f"projection_rank={cfg.projection_rank}"
+        f"projection_rank={cfg.projection_rank}" + (f", n_free={cfg.n_free}" if cfg.n_free else "")
     )
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items() if k not in skip}
     missing = sorted(set(expected) - set(state_dict))
@@ -152,6 +160,10 @@ class _TreeFields:
     """Active latents per token in each level (batchtopk: on average); topk variants only."""
     projection_rank: int | None = None
     """Rank r of each parent's learned subspace for its children; None = unfactored rows."""
+    n_free: int = 0
+    """Latents outside the tree (no parent, no children), after the leaves: they encode what the tree leaves unexplained."""
+    k_free: float | None = None
+    """Active free latents per token (batchtopk: on average); needed when n_free > 0."""
     # The next two are checked by the training config only. They live here so that a saved
     # cfg.json holds them and TrainingSAE.load_from_disk(saved dir) rebuilds a valid config.
     l1_per_level: list[float] | None = None
@@ -164,6 +176,9 @@ class _TreeFields:
         if not isinstance(self.n_levels, int) or self.n_levels < 1:
             raise _bad("n_levels", self.n_levels, "it must be an integer >= 1")
         L = self.n_levels
+        n_free = self.n_free
+        if not isinstance(n_free, int) or n_free < 0:
+            raise _bad("n_free", n_free, "it must be an integer >= 0")
         if self.level_widths is not None:
             widths = [int(w) for w in self.level_widths]
             if len(widths) != L:
@@ -202,23 +217,24 @@ class _TreeFields:
                 raise _bad("branching", self.branching, "every branching factor must be >= 1")
             per_root = [math.prod(branching[:i]) for i in range(L)]
             if self.n_roots is None:
-                if d_sae % sum(per_root) != 0:
+                tree_size = d_sae - n_free
+                if tree_size % sum(per_root) != 0:
                     raise _bad(
                         "d_sae", d_sae,
-                        f"with branching={branching} it must be a multiple of {sum(per_root)} "
-                        f"(or give n_roots / level_widths)",
+                        f"with branching={branching} and n_free={n_free} it must be n_free plus a "
+                        f"multiple of {sum(per_root)} (or give n_roots / level_widths)",
                     )
-                n_roots = d_sae // sum(per_root)
+                n_roots = tree_size // sum(per_root)
             else:
                 n_roots = int(self.n_roots)
             if n_roots < 1:
                 raise _bad("n_roots", self.n_roots, "it must be >= 1")
             widths = [n_roots * p for p in per_root]
-        if sum(widths) != d_sae:
+        if sum(widths) + n_free != d_sae:
             raise _bad(
                 "d_sae", d_sae,
                 f"it must equal the tree's size sum(level_widths)={sum(widths)} "
-                f"for level_widths={widths}",
+                f"for level_widths={widths}" + (f" plus n_free={n_free}" if n_free else ""),
             )
         self.level_widths, self.branching, self.n_roots = widths, branching, widths[0]
 
@@ -244,6 +260,17 @@ class _TreeFields:
             raise _bad(
                 "projection_rank", self.projection_rank, f"it must be None or in [1, d_in={d_in}]"
             )
+        if n_free:
+            if self.variant not in ("batchtopk", "topk"):
+                raise _bad("n_free", n_free, f"free latents need variant 'batchtopk' or 'topk', not {self.variant!r}")
+            if self.projection_rank is not None:
+                raise _bad("n_free", n_free, "free latents need projection_rank: null (unfactored rows)")
+            if self.k_free is None or not (0 < self.k_free <= n_free):
+                raise _bad("k_free", self.k_free, f"with n_free={n_free} it must be in (0, {n_free}]")
+            if self.variant == "topk" and float(self.k_free) != int(self.k_free):
+                raise _bad("k_free", self.k_free, "variant 'topk' needs an integer k_free")
+        elif self.k_free is not None:
+            raise _bad("k_free", self.k_free, "it needs n_free > 0 (there are no free latents)")
 
     # Derived structure, read by the model, the metrics and the evals.
     @property
@@ -254,6 +281,17 @@ class _TreeFields:
         for w in self.level_widths:
             starts.append(starts[-1] + w)
         return [slice(a, b) for a, b in zip(starts[:-1], starts[1:])]
+
+    @property
+    def tree_size(self) -> int:
+        """Latents in the tree (all levels); the free latents follow them."""
+        assert self.level_widths is not None
+        return sum(self.level_widths)
+
+    @property
+    def free_slice(self) -> slice:
+        """The free latents' slice of the flat latent axis (empty when n_free is 0)."""
+        return slice(self.tree_size, self.tree_size + self.n_free)
 
 
 @dataclass
@@ -514,16 +552,22 @@ class _HierarchicalMixin:
 
     @property
     def latent_levels(self) -> torch.Tensor:
-        """LongTensor [d_sae]: the level of each latent."""
+        """LongTensor [d_sae]: the level of each latent; free latents carry level n_levels
+        (one past the leaves: parentless, childless, fitted to what the tree leaves)."""
         return torch.repeat_interleave(
-            torch.arange(self.n_levels), torch.tensor(self.cfg.level_widths)
+            torch.arange(self.n_levels + 1), torch.tensor(self.cfg.level_widths + [self.cfg.n_free])
         ).to(self.b_dec.device)
 
+    @property
+    def free_slice(self) -> slice:
+        return self.cfg.free_slice
+
     def level_of(self, j: int) -> int:
-        for level, sl in enumerate(self.level_slices):
+        """The level of latent j (n_levels for a free latent)."""
+        for level, sl in enumerate(self.level_slices + [self.free_slice]):
             if sl.start <= j < sl.stop:
                 return level
-        raise IndexError(f"latent {j} is outside the tree (d_sae={self.cfg.d_sae})")
+        raise IndexError(f"latent {j} is outside the SAE (d_sae={self.cfg.d_sae})")
 
     def children(self, j: int | None = None) -> Any:  # type: ignore[override]
         """Flat indices of latent j's children (empty for leaves).
@@ -601,6 +645,7 @@ class _HierarchicalMixin:
                 setattr(self, name, nn.Parameter(value.to(**kw)))
             parent_dirs = unit(child)
         if r is None:
+            rows.append(unit(torch.randn(cfg.n_free, d)) * init_norm)  # free latents
             # Straight into _parameters: W_dec / W_enc are also properties (below), which
             # nn.Module's setattr would refuse to shadow.
             W_dec = torch.cat(rows)
@@ -663,6 +708,13 @@ class _HierarchicalMixin:
         ones = torch.ones(self.cfg.d_sae, device=self.b_dec.device)
         self._scale_latents_(ones * s, ones / s)
         self.b_dec.data /= s
+
+    def _tree_residual(self, sae_in: torch.Tensor, tree_recon: torch.Tensor) -> torch.Tensor:
+        """x - x_hat_tree, from process_sae_in's output and the tree's latents @ W_dec rows
+        (b_dec excluded): what the free latents are fitted to and encoded from."""
+        if self.cfg.apply_b_dec_to_input:
+            return sae_in - tree_recon
+        return sae_in - tree_recon - self.b_dec
 
     # --- the gated, level-by-level activation ------------------------------------------
     def _gate(self, acts: torch.Tensor, parent_on: torch.Tensor, level: int) -> torch.Tensor:
@@ -727,15 +779,34 @@ class HierarchicalSAE(_HierarchicalMixin, SAE[HierarchicalSAEConfig]):
         )
 
     def _select(self, level: int, acts: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+        """Level `level`'s sparsity rule; level n_levels is the free latents'."""
+        free = level == self.n_levels
         if self.cfg.variant == "topk":
-            return _topk_per_token(acts, int(self.cfg.k_per_level[level]))
-        return acts * (pre > self.threshold[self.level_slices[level]])
+            return _topk_per_token(acts, int(self.cfg.k_free if free else self.cfg.k_per_level[level]))
+        return acts * (pre > self.threshold[self.free_slice if free else self.level_slices[level]])
 
     @override
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         sae_in = self.process_sae_in(x)
-        hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
-        return self.hook_sae_acts_post(self._hierarchical_activation(hidden_pre, self._select))
+        if not self.cfg.n_free:
+            hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
+            return self.hook_sae_acts_post(self._hierarchical_activation(hidden_pre, self._select))
+        # Free latents read what the tree leaves: x - x_hat_tree. So the tree is encoded and
+        # decoded first, then the free latents are encoded from its residual (the
+        # hook_sae_acts_pre hook sees both parts; the free part is computed from the tree's
+        # unhooked activations).
+        T = self.cfg.tree_size
+        W_enc, b_enc = self.W_enc, self.b_enc
+        pre_tree = sae_in @ W_enc[:, :T] + b_enc[:T]
+        tree = self._hierarchical_activation(pre_tree, self._select)
+        pre_free = self._tree_residual(sae_in, tree @ self.W_dec[:T]) @ W_enc[:, T:] + b_enc[T:]
+        cat = torch.cat([pre_tree, pre_free], dim=-1)
+        hidden_pre = self.hook_sae_acts_pre(cat)
+        if hidden_pre is not cat:  # a hook edited the pre-activations
+            pre_tree, pre_free = hidden_pre.split([T, self.cfg.n_free], dim=-1)
+            tree = self._hierarchical_activation(pre_tree, self._select)
+        free = self._select(self.n_levels, pre_free.relu(), pre_free)
+        return self.hook_sae_acts_post(torch.cat([tree, free], dim=-1))
 
     @override
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
@@ -781,11 +852,12 @@ class HierarchicalSAE(_HierarchicalMixin, SAE[HierarchicalSAEConfig]):
         _load_tree(self, state_dict)
         if "topk_threshold" in state_dict:
             check_loaded_state(self, state_dict, skip=("threshold", "topk_threshold", "tree_fitted"))
-            if tuple(state_dict["topk_threshold"].shape) != (self.cfg.n_levels,):
+            n_thr = _n_thresholds(self.cfg)
+            if tuple(state_dict["topk_threshold"].shape) != (n_thr,):
                 raise HierarchicalSAELoadError(
                     f"sae_weights.safetensors: tensor 'topk_threshold' has shape "
                     f"{list(state_dict['topk_threshold'].shape)} but cfg.json "
-                    f"(n_levels={self.cfg.n_levels}) implies [{self.cfg.n_levels}]"
+                    f"(n_levels={self.cfg.n_levels}, n_free={self.cfg.n_free}) implies [{n_thr}]"
                 )
             _training_to_inference_state(state_dict, self.cfg)
         check_loaded_state(self, state_dict)
@@ -814,6 +886,12 @@ def _accept_tree(sae: Any, state_dict: dict[str, Any]) -> None:
                     f"sae_weights.safetensors: tensor 'tree_parent' gives latent {j} (level "
                     f"{level}) the parent {int(t[j])}; a level-{level} latent's parent must be "
                     f"{'-1' if level == 0 else f'in [{lo}, {hi}]'}")
+        free = cfg.free_slice
+        if bool((t[free] != -1).any()):
+            j = int((t[free] != -1).nonzero()[0]) + free.start
+            raise HierarchicalSAELoadError(
+                f"sae_weights.safetensors: tensor 'tree_parent' gives free latent {j} the parent "
+                f"{int(t[j])}; free latents (after the tree's {cfg.tree_size}) have none (-1)")
         if cfg.projection_rank is not None:
             raise HierarchicalSAELoadError(
                 "sae_weights.safetensors: tensor 'tree_parent' holds a re-seated tree, but cfg.json "
@@ -835,11 +913,17 @@ def _training_to_inference_state(state_dict: dict[str, Any], cfg: _TreeFields) -
     norms = _flat_W_dec_norms(probe, cfg)
     scale_latents(state_dict, cfg, norms, 1.0 / norms)
     state_dict["b_enc"] = state_dict["b_enc"] * norms.to(state_dict["b_enc"].dtype)
+    groups = list(cfg.level_widths or []) + ([cfg.n_free] if cfg.n_free else [])
     thr = torch.cat([
         torch.full((w,), float(t) if cfg.variant == "batchtopk" else 0.0)
-        for w, t in zip(cfg.level_widths or [], level_thresholds.tolist())
+        for w, t in zip(groups, level_thresholds.tolist())
     ])
     state_dict["threshold"] = thr.to(dtype=state_dict["b_enc"].dtype, device=state_dict["b_enc"].device)
+
+
+def _n_thresholds(cfg: _TreeFields) -> int:
+    """Entries of a training SAE's topk_threshold: one per level, then the free latents'."""
+    return cfg.n_levels + (1 if cfg.n_free else 0)
 
 
 def _flat_W_dec_norms(tensors: dict[str, torch.Tensor], cfg: _TreeFields) -> torch.Tensor:
@@ -878,7 +962,7 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
         # Double precision for the EMA, as SAELens's BatchTopK does.
         self.register_buffer(
             "topk_threshold",
-            torch.zeros(cfg.n_levels, dtype=torch.double, device=self.b_dec.device),
+            torch.zeros(_n_thresholds(cfg), dtype=torch.double, device=self.b_dec.device),
         )
         # Whether the parent gate is on. Persistent, so a resumed run knows its phase.
         self.register_buffer(
@@ -916,10 +1000,13 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
             return _topk_per_token(acts, int(k))
         if self.cfg.variant == "relu":
             return acts
-        # BatchTopK over the batch's flattened level: k_l per token on average. Keeping
-        # everything at or above the smallest kept positive value selects the same entries
-        # as scattering the top-k (ties aside) with fewer ops, and that value is exactly
-        # what the inference threshold's running average needs.
+        return self._batch_topk(acts, k)
+
+    def _batch_topk(self, acts: torch.Tensor, k: float) -> torch.Tensor:
+        """BatchTopK over the batch's flattened group: k per token on average. Keeping
+        everything at or above the smallest kept positive value selects the same entries
+        as scattering the top-k (ties aside) with fewer ops, and that value is exactly what
+        the inference threshold's running average needs (appended to _level_min_kept)."""
         flat = acts.flatten()
         n_keep = min(int(k * acts.shape[:-1].numel()), flat.numel())
         vals = flat.topk(n_keep, sorted=False).values
@@ -932,19 +1019,47 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
         return self.cfg.tree_fit_step is None or bool(self.tree_fitted)
 
     def _encode(self, x: torch.Tensor, gated: bool | None = None
-                ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Per-level activations, hidden_pre and the unit-norm decoder."""
+                ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Per-level activations, the free latents' (None without them), hidden_pre
+        [..., d_sae] and the unit-norm decoder."""
+        cfg = self.cfg
         sae_in = self.process_sae_in(x)
         unit_W_dec, norms = self._unit_W_dec()
-        hidden_pre = self.hook_sae_acts_pre((sae_in @ self.W_enc + self.b_enc) * norms)
-        self._level_min_kept = []
         if gated is None:
             gated = self._gated()
+        if not cfg.n_free:
+            hidden_pre = self.hook_sae_acts_pre((sae_in @ self.W_enc + self.b_enc) * norms)
+            return self._tree_levels(hidden_pre, gated), None, hidden_pre, unit_W_dec
+        # The tree first; the free latents then read its residual (see HierarchicalSAE.encode).
+        T = cfg.tree_size
+        pre_tree = (sae_in @ self.W_enc[:, :T] + self.b_enc[:T]) * norms[:T]
+        levels = self._tree_levels(pre_tree, gated)
+        # Detached: the free latents fit what the tree leaves without pulling the tree
+        # towards leaving it (free latents trained jointly take the tree's own features).
+        resid = self._tree_residual(sae_in, torch.cat(levels, dim=-1) @ unit_W_dec[:T]).detach()
+        pre_free = (resid @ self.W_enc[:, T:] + self.b_enc[T:]) * norms[T:]
+        cat = torch.cat([pre_tree, pre_free], dim=-1)
+        hidden_pre = self.hook_sae_acts_pre(cat)
+        if hidden_pre is not cat:  # a hook edited the pre-activations
+            pre_tree, pre_free = hidden_pre.split([T, cfg.n_free], dim=-1)
+            levels = self._tree_levels(pre_tree, gated)
+        return levels, self._select_free(pre_free), hidden_pre, unit_W_dec
+
+    def _tree_levels(self, hidden_pre: torch.Tensor, gated: bool) -> list[torch.Tensor]:
+        self._level_min_kept = []
         if gated and self.cfg.variant == "batchtopk":
-            levels = self._batchtopk_levels(hidden_pre)
-        else:
-            levels = self._hierarchical_levels(hidden_pre, self._select_train, gated=gated)
-        return levels, hidden_pre, unit_W_dec
+            return self._batchtopk_levels(hidden_pre)
+        return self._hierarchical_levels(hidden_pre, self._select_train, gated=gated)
+
+    def _select_free(self, pre_free: torch.Tensor) -> torch.Tensor:
+        """The free latents' sparsity rule (k_free), their threshold learned after the levels'."""
+        acts = pre_free.relu()
+        if self.cfg.variant == "topk":
+            return _topk_per_token(acts, int(self.cfg.k_free))
+        return self._batch_topk(acts, self.cfg.k_free)
+
+    def _cat_acts(self, levels: list[torch.Tensor], free: torch.Tensor | None) -> torch.Tensor:
+        return torch.cat(levels if free is None else [*levels, free], dim=-1)
 
     def _batchtopk_levels(self, hidden_pre: torch.Tensor) -> list[torch.Tensor]:
         """Gated per-level BatchTopK that only looks at children of active parents.
@@ -991,8 +1106,8 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
 
     @override
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        levels, hidden_pre, _ = self._encode(x)
-        return self.hook_sae_acts_post(torch.cat(levels, dim=-1)), hidden_pre
+        levels, free, hidden_pre, _ = self._encode(x)
+        return self.hook_sae_acts_post(self._cat_acts(levels, free)), hidden_pre
 
     @override
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
@@ -1016,11 +1131,12 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
             every = None
         if every and gated_now and n_step > 0 and n_step % every == 0 and self._uncovered:
             self.reseat(step_input.dead_neuron_mask)  # before the forward pass, as fit_tree
-        levels, hidden_pre, unit_W_dec = self._encode(x, gated=gated_now)
-        cat = torch.cat(levels, dim=-1)
+        levels, free, hidden_pre, unit_W_dec = self._encode(x, gated=gated_now)
+        cat = self._cat_acts(levels, free)
         acts = self.hook_sae_acts_post(cat)
         if acts is not cat:  # a hook edited the activations: the losses must see its edit
-            levels = list(acts.split(cfg.level_widths, dim=-1))
+            parts = list(acts.split(cfg.level_widths + ([cfg.n_free] if free is not None else []), dim=-1))
+            levels, free = parts[: cfg.n_levels], (parts[-1] if free is not None else None)
         if fit_at is not None and not bool(self.tree_fitted) and (
             n_step >= fit_at - cfg.tree_fit_stat_steps
         ):
@@ -1031,15 +1147,22 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
         losses: dict[str, torch.Tensor] = {}
         recon = self.b_dec.expand_as(x)
         total = x.new_zeros(())
-        for level, (a, W) in enumerate(zip(levels, unit_W_dec.split(cfg.level_widths))):
+        for level, (a, W) in enumerate(zip(levels, unit_W_dec[: cfg.tree_size].split(cfg.level_widths))):
             recon = recon + a @ W
             err = (recon - x).pow(2).sum(-1).mean()
-            if level < cfg.n_levels - 1:
+            if level < cfg.n_levels - 1 or free is not None:
                 losses[f"prefix_mse_level_{level}"] = weights[level] * err
             else:
                 mse = err
             total = total + weights[level] * err
-        sae_out = self.hook_sae_recons(recon)
+        out = recon
+        if free is not None:
+            # The SAE's output adds the free latents to the (detached) tree: their MSE, which
+            # is the whole SAE's, trains the free latents alone.
+            out = recon.detach() + free @ unit_W_dec[cfg.tree_size:]
+            mse = (out - x).pow(2).sum(-1).mean()
+            total = total + mse
+        sae_out = self.hook_sae_recons(out)
         sae_out = self.run_time_activation_norm_fn_out(sae_out)
         losses = {"mse_loss": mse, **losses}
         if every and gated_now and (n_step % every) >= every - cfg.reseat_stat_steps:
@@ -1060,9 +1183,16 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
             losses["l1_loss"] = sum(
                 (c * a.sum(-1).mean() for c, a in zip(cfg.l1_per_level, levels)), zero
             )
-        losses["auxiliary_reconstruction_loss"] = self._aux_loss(
-            x, recon, hidden_pre, unit_W_dec, step_input.dead_neuron_mask, acts
-        )
+        dead = step_input.dead_neuron_mask
+        if free is None or dead is None:
+            aux = self._aux_loss(x, recon, hidden_pre, unit_W_dec, dead, acts)
+        else:
+            # Dead tree latents learn what the tree misses, dead free latents what the whole
+            # SAE misses (the free latents' own target).
+            in_tree = torch.arange(cfg.d_sae, device=dead.device) < cfg.tree_size
+            aux = (self._aux_loss(x, recon, hidden_pre, unit_W_dec, dead & in_tree, acts)
+                   + self._aux_loss(x, out, hidden_pre, unit_W_dec, dead & ~in_tree, acts))
+        losses["auxiliary_reconstruction_loss"] = aux
         # prefix terms are already in `total`; add the rest (not mse, not prefixes).
         for name, value in losses.items():
             if name != "mse_loss" and not name.startswith("prefix_mse"):
@@ -1085,6 +1215,10 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
                     metrics[f"l0_level_{level}"] = (a > 0).sum(-1).float().mean().item()
                     if cfg.variant == "batchtopk":
                         metrics[f"threshold_level_{level}"] = self.topk_threshold[level].item()
+                if free is not None:
+                    metrics["l0_free"] = (free > 0).sum(-1).float().mean().item()
+                    if cfg.variant == "batchtopk":
+                        metrics["threshold_free"] = self.topk_threshold[-1].item()
         return TrainStepOutput(
             sae_in=x, sae_out=sae_out, feature_acts=acts, hidden_pre=hidden_pre,
             loss=total, losses=losses, metrics=metrics,
@@ -1132,7 +1266,7 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
     def _l2_consistency(self, levels: list[torch.Tensor], unit_W_dec: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         out = levels[0].new_zeros(())
-        rows = unit_W_dec.split(cfg.level_widths)
+        rows = unit_W_dec[: cfg.tree_size].split(cfg.level_widths)
         for level in range(1, cfg.n_levels):
             par = self._local_parents(level)
             if cfg.l2_form == "decoder":
@@ -1340,9 +1474,8 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
                     f"sae_weights.safetensors: tensor 'threshold' has shape {list(thr.shape)} "
                     f"but cfg.json (d_sae={self.cfg.d_sae}) implies [{self.cfg.d_sae}]"
                 )
-            state_dict["topk_threshold"] = torch.stack(
-                [thr[sl.start] for sl in self.level_slices]
-            ).double()
+            groups = self.level_slices + ([self.free_slice] if self.cfg.n_free else [])
+            state_dict["topk_threshold"] = torch.stack([thr[sl.start] for sl in groups]).double()
         check_loaded_state(self, state_dict)
         _accept_tree(self, state_dict)
 
@@ -1353,6 +1486,8 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
         norms = self.W_dec.detach().float().norm(dim=1)
         for level, sl in enumerate(self.level_slices):
             hists[f"weights/W_dec_norms_level_{level}"] = norms[sl].cpu().numpy()
+        if self.cfg.n_free:
+            hists["weights/W_dec_norms_free"] = norms[self.free_slice].cpu().numpy()
         return hists
 
 
@@ -1423,11 +1558,13 @@ def _fit_subspaces(vecs: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def default_parent_index(cfg: _TreeFields) -> torch.Tensor:
-    """LongTensor [d_sae]: the fixed layout's parents (children contiguous, b per parent)."""
+    """LongTensor [d_sae]: the fixed layout's parents (children contiguous, b per parent;
+    free latents, after the leaves, have none)."""
     parts = [torch.full((cfg.level_widths[0],), -1, dtype=torch.long)]
     for level in range(1, cfg.n_levels):
         start = cfg.level_slices[level - 1].start
         parts.append(start + torch.arange(cfg.level_widths[level]) // cfg.branching[level - 1])
+    parts.append(torch.full((cfg.n_free,), -1, dtype=torch.long))
     return torch.cat(parts)
 
 
@@ -1448,7 +1585,7 @@ def level_kl(acts: torch.Tensor | list[torch.Tensor], cfg: _TreeFields, eps: flo
     within the level above) is needed once children were re-seated; None = the fixed layout.
     """
     if isinstance(acts, torch.Tensor):
-        acts = list(acts.split(cfg.level_widths, dim=-1))
+        acts = list(acts[..., : cfg.tree_size].split(cfg.level_widths, dim=-1))
     levels = [a.reshape(-1, a.shape[-1]) for a in acts]
     total = levels[0].new_zeros(())
     for level in range(cfg.n_levels - 1):
