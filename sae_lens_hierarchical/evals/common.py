@@ -101,10 +101,17 @@ class Tree:
     parent_index: torch.Tensor  # Long[d_sae]
     levels: torch.Tensor  # Long[d_sae]
     source: str  # "native" or "posthoc"
+    free_level: int | None = None  # the level number a hierarchical SAE's free latents carry
 
     @property
     def n_levels(self) -> int:
+        """Level numbers in use (the free latents' included): rows of the per-level tables."""
         return int(self.levels.max()) + 1 if self.levels.numel() else 0
+
+    @property
+    def depth(self) -> int:
+        """Levels of the tree itself, roots included (the free latents are outside it)."""
+        return self.n_levels - (1 if self.free_level is not None and self.free_level < self.n_levels else 0)
 
     def path(self, j: int) -> list[int]:
         """Latents from the root down to j (inclusive)."""
@@ -136,7 +143,9 @@ def sae_tree(
                 f"tree source 'native' needs a hierarchical SAE; {type(sae).__name__} has no tree "
                 "(use 'posthoc' or 'auto')"
             )
-        return Tree(sae.parent_index.cpu(), sae.latent_levels.cpu(), "native")
+        n_free = getattr(sae.cfg, "n_free", 0)
+        return Tree(sae.parent_index.cpu(), sae.latent_levels.cpu(), "native",
+                    free_level=sae.cfg.n_levels if n_free else None)
     if fit_acts is None:
         raise ValueError("a post-hoc tree needs activations to fit it on")
     parent = metrics.posthoc_tree(fit_acts, tau=tau, min_count=min_count).cpu()

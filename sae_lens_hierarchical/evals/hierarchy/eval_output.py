@@ -80,6 +80,10 @@ class HierarchyMetricCategories(BaseMetricCategories):
 @dataclass
 class HierarchyLevelDetail(BaseResultDetail):
     level: int = Field(title="Level", description="Level of the parents (0 = roots); their edges go to level + 1.")
+    free_latents: bool = Field(
+        default=False, title="Free Latents",
+        description="This row is the SAE's free latents (outside its tree, no edges); they carry level n_levels.",
+    )
     n_latents: int = Field(title="Latents", description="Latents at this level.")
     hierarchical_consistency_score: float | None = Field(title="HCS", description="HCS over this level's parents.")
     necessity: float | None = Field(title="Necessity", description="Necessity of the edges from this level.")

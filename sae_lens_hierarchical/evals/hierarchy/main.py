@@ -100,7 +100,7 @@ def compute_hierarchy_metrics(
         "hamming_per_token": hc["hamming_per_token"],
         "consistency_kl": float(sum(kls.values())),
         "tree_source": tree.source,
-        "n_levels": tree.n_levels,
+        "n_levels": tree.depth,
         "n_edges": hc["n_edges"],
         "n_parents": hc["n_parents"],
         "n_edges_scored": hc["n_edges_scored"],
@@ -112,6 +112,7 @@ def compute_hierarchy_metrics(
         s = hc["per_level"].get(str(lv), {})
         per_level.append({
             "level": lv,
+            "free_latents": lv == tree.free_level,
             "n_latents": int((tree.levels == lv).sum()),
             "hierarchical_consistency_score": s.get("hcs"),
             "necessity": s.get("necessity"),

@@ -20,7 +20,7 @@ PROBE_KS = (1, 2, 5, 10, 20, 50)
 @dataclass
 class LevelwiseMetrics(BaseMetrics):
     tree_source: str = Field(title="Tree Source", description="'native' levels or 'posthoc' tree depths.")
-    n_levels: int = Field(title="Number of Levels", description="Levels, roots included.")
+    n_levels: int = Field(title="Number of Levels", description="Levels of the tree, roots included (free latents not counted).")
     l0: float = Field(
         title="L0",
         description="Mean number of active latents per token, all levels.",
@@ -59,6 +59,10 @@ class LevelwiseMetricCategories(BaseMetricCategories):
 @dataclass
 class LevelwiseLevelDetail(BaseResultDetail):
     level: int = Field(title="Level", description="0 = roots.")
+    free_latents: bool = Field(
+        default=False, title="Free Latents",
+        description="This row is the SAE's free latents (outside its tree; level n_levels): its prefix reconstruction is the whole SAE's.",
+    )
     n_latents: int = Field(title="Latents", description="Latents at this level.")
     l0: float = Field(title="L0", description="Mean active latents of this level per token.")
     firing_density: float = Field(title="Firing Density", description="Mean over the level's latents of the fraction of tokens each fires on (= l0 / n_latents).")

@@ -120,6 +120,7 @@ def activation_metrics(sae: Any, x: torch.Tensor, tree: common.Tree) -> list[dic
         dead = int((fires[in_level] == 0).sum())
         rows.append({
             "level": lv,
+            "free_latents": lv == tree.free_level,
             "n_latents": n_lat,
             "l0": l0,
             "firing_density": l0 / n_lat if n_lat else 0.0,
@@ -308,7 +309,7 @@ def run_eval_single_sae(
     total_fires = torch.cat(fires) if fires else torch.zeros(0)
     overall = {
         "tree_source": tree.source,
-        "n_levels": tree.n_levels,
+        "n_levels": tree.depth,
         "l0": float(sum(r["l0"] for r in rows)),
         "explained_variance": rows[-1]["prefix_explained_variance"] if rows else 0.0,
         "root_explained_variance": rows[0]["prefix_explained_variance"] if rows else 0.0,

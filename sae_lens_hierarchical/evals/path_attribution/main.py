@@ -152,9 +152,10 @@ def attribute_path(
 
 
 def _choose_latents(tree: common.Tree, fires: torch.Tensor, n: int) -> list[int]:
-    """The n deepest firing latents, most frequent first within a depth."""
+    """The n deepest firing latents of the tree, most frequent first within a depth (free
+    latents, outside the tree, only if nothing in it fires: their path is themselves)."""
     live = (fires > 0).nonzero().flatten().tolist()
-    live.sort(key=lambda j: (-int(tree.levels[j]), -int(fires[j]), j))
+    live.sort(key=lambda j: (int(tree.levels[j]) == tree.free_level, -int(tree.levels[j]), -int(fires[j]), j))
     return live[:n]
 
 
