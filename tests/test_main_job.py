@@ -26,7 +26,7 @@ def tiny_model(tmp: Path):
 def tiny_config(out: Path, **kw) -> main_job.DemoConfig:
     base = dict(
         out=str(out), model="tiny-demo", layer=1, heldout_every=3, context_size=CTX, tokens=2048,
-        batch_tokens=128, lr=3e-3, n_roots=2, branching=[2, 2], k_per_level=[1, 1, 1],
+        batch_tokens=128, lr=3e-3, n_roots=2, branching=[2, 2], k_per_level=[1, 1, 1], n_free=4, k_free=1.0,
         dead_feature_window=5, norm_batches=2, eval_prompts=8, eval_batch_prompts=4,
         core_recon_batches=1, core_sparsity_batches=2, path_latents=1, full_report=False,
         tree_prompts=8, tree_roots=2, tree_children=2, tree_grandchildren=1, snippets=2, seed=0,
@@ -72,10 +72,10 @@ def test_saes_reload_at_matched_width_and_l0(demo_out):
     flat = SAE.load_from_disk(str(demo_out / "saes" / "batchtopk"))
     assert type(hsae).__name__ == "HierarchicalSAE"
     assert hsae.cfg.level_widths == [2, 4, 8]
-    assert hsae.cfg.d_sae == flat.cfg.d_sae == 14
-    assert sum(hsae.cfg.k_per_level) == 3
+    assert hsae.cfg.d_sae == flat.cfg.d_sae == 18 and hsae.cfg.n_free == 4  # 14 in the tree + 4 free
+    assert sum(hsae.cfg.k_per_level) + hsae.cfg.k_free == 4
     runner = json.loads((demo_out / "saes" / "runner_cfg.json").read_text())
-    assert runner["saes"]["batchtopk"]["k"] == 3
+    assert runner["saes"]["batchtopk"]["k"] == 4
     assert hsae.cfg.metadata.hook_name == flat.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
     x = torch.randn(5, 16)
     assert hsae.decode(hsae.encode(x)).shape == (5, 16)
@@ -102,7 +102,9 @@ def test_summary_has_command_machine_times_and_both_columns(demo_out):
     # The HSAE is scored on its own tree, the flat SAE on its post-hoc one.
     assert data["metrics"]["hsae"]["hierarchy"]["tree_source"] == "native"
     assert data["metrics"]["batchtopk"]["hierarchy"]["tree_source"] == "posthoc"
-    assert [r["level"] for r in data["levels"]["hsae"]["levelwise"]] == [0, 1, 2]
+    rows = data["levels"]["hsae"]["levelwise"]
+    assert [(r["level"], r["free_latents"]) for r in rows] == [(0, False), (1, False), (2, False), (3, True)]
+    assert rows[3]["n_latents"] == 4 and data["metrics"]["hsae"]["levelwise"]["n_levels"] == 3
 
 
 def test_tree_md_lists_roots_children_and_marked_snippets(demo_out):
