@@ -81,8 +81,12 @@ def shrink(path: Path, out: Path, d_in: int = TINY_D) -> list[str]:
     for b in branching:
         tiny.append(tiny[-1] * b)
     k = [round(kk / w * t, 4) for kk, w, t in zip(sae["k_per_level"], widths, tiny)]
+    # Free latents shrink with the tree, keeping their share of the width and their k per latent.
+    n_free = round(sae.get("n_free", 0) * sum(tiny) / sum(widths))
+    free = [f"sae.n_free={n_free}", f"sae.k_free={round(sae['k_free'] / sae['n_free'] * n_free, 4)}"] if n_free else []
     return [
-        f"sae.d_in={d_in}", f"sae.d_sae={sum(tiny)}", f"sae.level_widths={tiny}", f"sae.k_per_level={k}",
+        f"sae.d_in={d_in}", f"sae.d_sae={sum(tiny) + n_free}", f"sae.level_widths={tiny}", f"sae.k_per_level={k}",
+        *free,
         f"context_size={TINY_CTX}", f"training_tokens={TINY_STEPS * TINY_BATCH}",
         f"train_batch_size_tokens={TINY_BATCH}", "store_batch_size_prompts=4", "n_batches_in_buffer=8",
         "n_batches_for_norm_estimate=2", "lr_warm_up_steps=0", "lr_decay_steps=2", "dead_feature_window=3",
