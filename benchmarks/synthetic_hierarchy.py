@@ -86,15 +86,22 @@ class Profile:
     """Fixed L0 target (times the L0 factor) instead of the truth's L0 over the top 3 levels."""
 
 
+# The HSAE's free latents (outside its tree, fitted to what the tree leaves) and their share of
+# the L0; every contestant's width includes them. 48 for the default's 168-latent tree and 11%
+# of the L0 were measured best for explained variance on the three tree shapes (n_free 24 at
+# 6% keeps more F1 and less EV; 64 at 11% and 48 at 15% did no better); see the README.
+FREE_LATENTS = {"n_free": 48, "free_l0_share": 0.11}
+
 PROFILES = {
     "quick": Profile(n_roots=4, branching=3, n_free=8, hidden_dim=24, training_samples=40_000,
-                     seeds=[0], shapes=["match"], l0_factors=[1.0], eval_samples=5_000),
+                     seeds=[0], shapes=["match"], l0_factors=[1.0], eval_samples=5_000,
+                     hsae=dict(FREE_LATENTS, n_free=12)),
     "default": Profile(n_roots=8, branching=4, n_free=24, hidden_dim=32, training_samples=500_000,
                        seeds=[0, 1, 2], shapes=["match", "wider", "narrower"],
-                       l0_factors=[0.67, 1.0, 1.5]),
+                       l0_factors=[0.67, 1.0, 1.5], hsae=dict(FREE_LATENTS)),
     # The bench config's problem (16 x 4 x 4 + 48 free features in 64 dims), 1M samples.
     "large": Profile(n_roots=16, branching=4, n_free=48, hidden_dim=64, training_samples=1_000_000,
-                     seeds=[0, 1, 2], shapes=["match"], l0_factors=[1.0]),
+                     seeds=[0, 1, 2], shapes=["match"], l0_factors=[1.0], hsae=dict(FREE_LATENTS, n_free=96)),
     # SynthSAEBench-16k (Chanin & Garriga-Alonso 2026), built offline from its published
     # config (SAELens docs, synth_sae_bench.md): 16,384 features, d=768, 128 roots x 4, depth 3
     # (so 4 true levels), mutually exclusive children scaled by their parent, low-rank
@@ -158,21 +165,37 @@ def synthetic_model_cfg(p: Profile, seed: int) -> SyntheticModelConfig:
 
 def sae_cfg(contestant: str, widths: list[int], l0: float, level_l0: list[float], d: int, hsae: dict[str, Any],
             flat_width: int | None = None):
-    """The contestant's SAELens training config at total width sum(widths) (flat contestants:
-    flat_width if given) and L0 ~ l0."""
-    d_sae = sum(widths) if contestant == "hierarchical" else (flat_width or sum(widths))
+    """The contestant's SAELens training config at total width sum(widths) + n_free (flat
+    contestants: flat_width if given) and L0 ~ l0.
+
+    `hsae` holds hierarchical config fields plus benchmark keys: `n_free` (the HSAE's free
+    latents, which every contestant's width includes), `free_l0_share` (the part of l0 given
+    to them; the tree's levels share the rest in proportion to level_l0) and `oracle_init`
+    (read by run_one).
+    """
+    hsae = dict(hsae)
+    hsae.pop("oracle_init", None)  # an initialisation (run_one), not a config field
+    n_free, share = int(hsae.pop("n_free", 0)), float(hsae.pop("free_l0_share", 0.0))
+    total = sum(widths) + n_free
+    d_sae = total if contestant == "hierarchical" else (flat_width or total)
     cls = get_sae_training_class(contestant)[1]
     if contestant == "hierarchical":
-        scale = l0 / sum(level_l0)
+        tree_l0 = l0 * (1 - share) if n_free else l0
+        scale = tree_l0 / sum(level_l0)
         k = [max(0.5, round(x * scale, 2)) for x in level_l0]
         k = [min(kk, w) for kk, w in zip(k, widths)]
         kw = dict(level_widths=widths, k_per_level=k, allow_nonincreasing_sparsity=True)
+        if n_free:
+            kw.update(n_free=n_free, k_free=min(float(n_free), max(0.05, round(l0 - sum(k), 2))))
         kw.update(hsae)
         return cls(d_in=d, d_sae=d_sae, **kw)
     if contestant == "batchtopk":
         return cls(d_in=d, d_sae=d_sae, k=l0)
     if contestant == "matryoshka_batchtopk":
+        # Nested like the HSAE: roots, + level 1, ..., then the rest (its free latents).
         cum = [sum(widths[: i + 1]) for i in range(len(widths))]
+        if cum[-1] != d_sae:
+            cum.append(d_sae)
         return cls(d_in=d, d_sae=d_sae, k=l0, matryoshka_widths=cum)
     if contestant == "topk":
         return cls(d_in=d, d_sae=d_sae, k=max(1, round(l0)))
@@ -272,7 +295,9 @@ def run_one(p: Profile, contestant: str, shape: str, seed: int, l0_factor: float
     level_l0 = true_level_l0(synth, gt_levels)[:3]
     widths = sae_shape(p, shape)
     l0 = (p.l0 if p.l0 is not None else sum(level_l0)) * l0_factor
-    cfg = sae_cfg(contestant, widths, l0, level_l0, p.hidden_dim, {**p.hsae, **(overrides or {})},
+    overrides = dict(overrides or {})
+    oracle = bool(overrides.pop("oracle_init", False))
+    cfg = sae_cfg(contestant, widths, l0, level_l0, p.hidden_dim, {**p.hsae, **overrides},
                   flat_width=p.flat_width)
     runner_cfg = SyntheticSAERunnerConfig(
         synthetic_model=smc, sae=cfg, training_samples=p.training_samples, batch_size=p.batch_size,
@@ -280,8 +305,14 @@ def run_one(p: Profile, contestant: str, shape: str, seed: int, l0_factor: float
         logger=LoggingConfig(log_to_wandb=False), dead_feature_window=200,
     )
     torch.manual_seed(seed)
+    sae = None
+    if oracle:
+        if contestant != "hierarchical":
+            raise ValueError(f"oracle_init is for the hierarchical SAE, not {contestant!r}")
+        sae = get_sae_training_class(contestant)[0](cfg).to(p.device)
+        oracle_init_(sae, synth, gt_parent, gt_levels)
     t = time.perf_counter()
-    res = SyntheticSAERunner(runner_cfg, override_synthetic_model=synth).run()
+    res = SyntheticSAERunner(runner_cfg, override_synthetic_model=synth, override_sae=sae).run()
     train_s = time.perf_counter() - t
     fe = res.final_eval
     row = {
@@ -292,6 +323,42 @@ def run_one(p: Profile, contestant: str, shape: str, seed: int, l0_factor: float
     }
     row.update(evaluate(res.sae, synth, gt_parent, gt_levels, p.eval_samples, p.device))
     return row
+
+
+@torch.no_grad()
+def oracle_init_(sae, synth: SyntheticModel, gt_parent: torch.Tensor, gt_levels: torch.Tensor) -> None:
+    """Start an HSAE at the truth's own tree (a diagnostic, not a method): each root slot takes
+    a true root (most frequent first; spare root slots and the free latents take the most
+    frequent features outside any tree), each slot's children the true children of its
+    feature, most frequent first, as many as its branching holds; slots left over keep their
+    random init. Whether training from here beats training from scratch separates a tree
+    shape the HSAE cannot fit (capacity) from one it fails to find (optimisation)."""
+    V = synth.feature_dict.feature_vectors.detach().float()
+    V = (V / V.norm(dim=-1, keepdim=True)).to(sae.W_dec.device, sae.W_dec.dtype)
+    _, feats = synth.sample_with_features(20_000)
+    freq = (feats > 0).float().mean(0).cpu()
+    by_freq = lambda idx: sorted(idx, key=lambda f: -float(freq[f]))  # noqa: E731
+    cfg = sae.cfg
+    free_feats = by_freq((gt_levels == -1).nonzero().flatten().tolist())
+    roots = by_freq((gt_levels == 0).nonzero().flatten().tolist())
+    spare = cfg.level_widths[0] - len(roots)
+    slot_feature = dict(enumerate((roots + free_feats[:max(spare, 0)])[: cfg.level_widths[0]]))
+    free_feats = free_feats[max(spare, 0):]
+    kids = {}
+    for j, par in enumerate(sae.parent_index.tolist()):
+        kids.setdefault(par, []).append(j)
+    queue = list(slot_feature.items())
+    while queue:
+        slot, f = queue.pop(0)
+        for child_slot, child_f in zip(kids.get(slot, []), by_freq((gt_parent == f).nonzero().flatten().tolist())):
+            slot_feature[child_slot] = child_f
+            queue.append((child_slot, child_f))
+    for j, f in zip(range(cfg.tree_size, cfg.d_sae), free_feats):
+        slot_feature[j] = f
+    slots = torch.tensor(list(slot_feature), device=V.device)
+    rows = V[torch.tensor(list(slot_feature.values()), device=V.device)]
+    sae.W_dec.data[slots] = rows * sae.W_dec.data[slots].norm(dim=-1, keepdim=True)
+    sae.W_enc.data[:, slots] = rows.T
 
 
 def _worker(args: tuple) -> dict[str, Any]:
@@ -428,8 +495,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hsae", action="append", default=[], metavar="KEY=VALUE",
                     help="override a hierarchical config field (YAML value), e.g. --hsae kl_coefficient=0")
     ap.add_argument("--ablation", action="append", default=[], metavar="NAME:KEY=VALUE,...",
-                    help="add a hierarchical variant as its own row (shape match, L0 factor 1), "
+                    help="add a hierarchical variant as its own row (on the --ablation-shapes, L0 factor 1), "
                          "e.g. --ablation kl:kl_coefficient=0.1")
+    ap.add_argument("--ablation-shapes", nargs="+", default=["match"], choices=["match", "wider", "narrower"],
+                    help="tree shapes the --ablation rows run on (default: match)")
     ap.add_argument("--jobs", type=int, default=2, help="training runs in parallel (one thread each)")
     ap.add_argument("--tag", default="", help="suffix for the result files (ablations)")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -467,8 +536,8 @@ def main(argv: list[str] | None = None) -> int:
         ablations[f"hierarchical[{ab_name}]"] = {
             # split on commas that start a new KEY=, so list values like [0,0,1] survive
             k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in re.split(r",(?=\w+=)", spec) if kv)}
-    jobs += [(p, "hierarchical", "match", seed, 1.0, label, ov)
-             for label, ov in ablations.items() for seed in p.seeds]
+    jobs += [(p, "hierarchical", shape, seed, 1.0, label, ov)
+             for label, ov in ablations.items() for shape in args.ablation_shapes for seed in p.seeds]
     from concurrent.futures import ProcessPoolExecutor, as_completed
     import multiprocessing as mp
 

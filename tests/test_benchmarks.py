@@ -80,3 +80,42 @@ def test_a_deeper_truth_than_the_hsae_runs_end_to_end():
         assert abs(r["l0"] - 3.0) < 0.5, r["l0"]
         assert 0 <= r["mcc"] <= 1 and math.isfinite(r["explained_variance"])
         assert "mcc_level_3" in r  # the truth's fourth level is scored too
+
+
+def test_oracle_init_places_the_true_tree_in_the_slots():
+    """The diagnostic start at the truth: each root slot holds a true root, its child slots
+    that root's children, spare roots and free latents the features outside the tree."""
+    bench = _bench()
+    from sae_lens.registry import get_sae_training_class
+    from sae_lens.synthetic import SyntheticModel
+
+    from sae_lens_hierarchical import metrics as M
+
+    p = bench.Profile(n_roots=3, branching=2, n_free=6, hidden_dim=16, training_samples=8_192,
+                      seeds=[0], shapes=["wider"], l0_factors=[1.0], eval_samples=2_000, batch_size=512,
+                      hsae={"n_free": 2, "free_l0_share": 0.1})
+    synth = SyntheticModel(bench.synthetic_model_cfg(p, 0), device="cpu")
+    gt_parent = M.parent_index_from_hierarchy(synth.hierarchy.roots, synth.cfg.num_features)
+    gt_levels = bench.ground_truth_levels(gt_parent)
+    widths = bench.sae_shape(p, "wider")  # 4 roots for the truth's 3
+    cfg = bench.sae_cfg("hierarchical", widths, 3.0, [1.0, 1.0, 1.0], 16, p.hsae)
+    sae = get_sae_training_class("hierarchical")[0](cfg)
+    bench.oracle_init_(sae, synth, gt_parent, gt_levels)
+    V = synth.feature_dict.feature_vectors.float()
+    V = V / V.norm(dim=-1, keepdim=True)
+    W = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=-1, keepdim=True)
+    match = (W @ V.T).max(-1)
+    feat = match.indices
+    assert [int(gt_levels[f]) for f in feat[:4]] == [0, 0, 0, -1]  # 3 true roots, then a free feature
+    # Below the true roots every slot holds the true child of its parent's feature; the spare
+    # root's children (a free feature has none) keep their random init.
+    under_true = [j for j in range(4, cfg.tree_size) if sae.path(j)[0] < 3]
+    assert len(under_true) == 3 * 2 + 3 * 2 * 2
+    assert torch.allclose(match.values[under_true], torch.ones(len(under_true)), atol=1e-5)
+    for child in under_true:
+        assert int(gt_parent[feat[child]]) == int(feat[int(sae.parent_index[child])])
+    spare = [j for j in range(4, cfg.tree_size) if sae.path(j)[0] == 3]
+    assert (match.values[spare] < 0.99).all()
+    assert [int(gt_levels[f]) for f in feat[cfg.tree_size:]] == [-1, -1]  # free latents: free features
+    assert torch.allclose(match.values[cfg.tree_size:], torch.ones(2), atol=1e-5)
+    assert bench.sae_cfg("hierarchical", widths, 3.0, [1.0] * 3, 16, {**p.hsae, "oracle_init": True}).d_sae == cfg.d_sae
