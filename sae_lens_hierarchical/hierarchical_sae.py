@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -751,6 +751,16 @@ class _HierarchicalMixin:
         return torch.cat(self._hierarchical_levels(hidden_pre, select, gated), dim=-1)
 
 
+class _Encoded(NamedTuple):
+    """What the training SAE's encoder computes in one pass (see `_encode`)."""
+
+    levels: list[torch.Tensor]
+    free: torch.Tensor | None
+    hidden_pre: torch.Tensor
+    unit_W_dec: torch.Tensor
+    terms: list[torch.Tensor] | None
+
+
 def _topk_per_token(acts: torch.Tensor, k: int) -> torch.Tensor:
     vals, idx = acts.topk(min(int(k), acts.shape[-1]), dim=-1, sorted=False)
     return torch.zeros_like(acts).scatter(-1, idx, vals)
@@ -1018,10 +1028,10 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
         """Whether the parent gate is on (always, unless an ungated tree-fit warm-up runs)."""
         return self.cfg.tree_fit_step is None or bool(self.tree_fitted)
 
-    def _encode(self, x: torch.Tensor, gated: bool | None = None
-                ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    def _encode(self, x: torch.Tensor, gated: bool | None = None) -> _Encoded:
         """Per-level activations, the free latents' (None without them), hidden_pre
-        [..., d_sae] and the unit-norm decoder."""
+        [..., d_sae], the unit-norm decoder and (with free latents) each level's decoded
+        contribution, which the training step reuses for its prefix reconstructions."""
         cfg = self.cfg
         sae_in = self.process_sae_in(x)
         unit_W_dec, norms = self._unit_W_dec()
@@ -1029,21 +1039,24 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
             gated = self._gated()
         if not cfg.n_free:
             hidden_pre = self.hook_sae_acts_pre((sae_in @ self.W_enc + self.b_enc) * norms)
-            return self._tree_levels(hidden_pre, gated), None, hidden_pre, unit_W_dec
+            return _Encoded(self._tree_levels(hidden_pre, gated), None, hidden_pre, unit_W_dec, None)
         # The tree first; the free latents then read its residual (see HierarchicalSAE.encode).
         T = cfg.tree_size
+        rows = unit_W_dec[:T].split(cfg.level_widths)
         pre_tree = (sae_in @ self.W_enc[:, :T] + self.b_enc[:T]) * norms[:T]
         levels = self._tree_levels(pre_tree, gated)
+        terms = [a @ W for a, W in zip(levels, rows)]
         # Detached: the free latents fit what the tree leaves without pulling the tree
         # towards leaving it (free latents trained jointly take the tree's own features).
-        resid = self._tree_residual(sae_in, torch.cat(levels, dim=-1) @ unit_W_dec[:T]).detach()
+        resid = self._tree_residual(sae_in, sum(terms)).detach()  # type: ignore[arg-type]
         pre_free = (resid @ self.W_enc[:, T:] + self.b_enc[T:]) * norms[T:]
         cat = torch.cat([pre_tree, pre_free], dim=-1)
         hidden_pre = self.hook_sae_acts_pre(cat)
         if hidden_pre is not cat:  # a hook edited the pre-activations
             pre_tree, pre_free = hidden_pre.split([T, cfg.n_free], dim=-1)
             levels = self._tree_levels(pre_tree, gated)
-        return levels, self._select_free(pre_free), hidden_pre, unit_W_dec
+            terms = [a @ W for a, W in zip(levels, rows)]
+        return _Encoded(levels, self._select_free(pre_free), hidden_pre, unit_W_dec, terms)
 
     def _tree_levels(self, hidden_pre: torch.Tensor, gated: bool) -> list[torch.Tensor]:
         self._level_min_kept = []
@@ -1106,8 +1119,8 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
 
     @override
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        levels, free, hidden_pre, _ = self._encode(x)
-        return self.hook_sae_acts_post(self._cat_acts(levels, free)), hidden_pre
+        enc = self._encode(x)
+        return self.hook_sae_acts_post(self._cat_acts(enc.levels, enc.free)), enc.hidden_pre
 
     @override
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
@@ -1131,12 +1144,12 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
             every = None
         if every and gated_now and n_step > 0 and n_step % every == 0 and self._uncovered:
             self.reseat(step_input.dead_neuron_mask)  # before the forward pass, as fit_tree
-        levels, free, hidden_pre, unit_W_dec = self._encode(x, gated=gated_now)
+        levels, free, hidden_pre, unit_W_dec, terms = self._encode(x, gated=gated_now)
         cat = self._cat_acts(levels, free)
         acts = self.hook_sae_acts_post(cat)
         if acts is not cat:  # a hook edited the activations: the losses must see its edit
             parts = list(acts.split(cfg.level_widths + ([cfg.n_free] if free is not None else []), dim=-1))
-            levels, free = parts[: cfg.n_levels], (parts[-1] if free is not None else None)
+            levels, free, terms = parts[: cfg.n_levels], (parts[-1] if free is not None else None), None
         if fit_at is not None and not bool(self.tree_fitted) and (
             n_step >= fit_at - cfg.tree_fit_stat_steps
         ):
@@ -1148,7 +1161,7 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
         recon = self.b_dec.expand_as(x)
         total = x.new_zeros(())
         for level, (a, W) in enumerate(zip(levels, unit_W_dec[: cfg.tree_size].split(cfg.level_widths))):
-            recon = recon + a @ W
+            recon = recon + (a @ W if terms is None else terms[level])
             err = (recon - x).pow(2).sum(-1).mean()
             if level < cfg.n_levels - 1 or free is not None:
                 losses[f"prefix_mse_level_{level}"] = weights[level] * err

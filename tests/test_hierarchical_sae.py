@@ -719,7 +719,7 @@ def test_level_kl_on_a_reseated_tree_matches_the_general_metric():
 def test_reseat_moves_dead_children_under_the_parent_with_most_uncovered_firings():
     sae = training_sae("batchtopk", rank=None, reseat_every=10)
     x = inputs(256)
-    levels, _, _, _ = sae._encode(x)
+    levels = sae._encode(x).levels
     recon = sae.decode(torch.cat(levels, -1)).detach()
     sae._count_uncovered(levels, x - recon)
     unc = sae._uncovered[1].clone()
@@ -781,7 +781,7 @@ def test_a_slot_moved_at_one_reseat_sits_out_the_next():
     x = inputs(256)
 
     def count():
-        levels, _, _, _ = sae._encode(x)
+        levels = sae._encode(x).levels
         sae._count_uncovered(levels, x - sae.decode(torch.cat(levels, -1)).detach())
 
     dead = torch.zeros(D_SAE, dtype=torch.bool)
