@@ -132,8 +132,12 @@ def main(argv: list[str] | None = None) -> None:
         on = acts > 0
         l0 = [on[:, sl].sum(-1).float().mean().item() for sl in sae.level_slices]
         # An active latent whose parent is inactive would break the tree; the hard gate forbids it.
-        orphans = int((on[:, cfg.level_widths[0]:] & ~on[:, parents[cfg.level_widths[0]:]]).sum())
+        child = parents >= 0
+        orphans = int((on[:, child] & ~on[:, parents[child]]).sum())
+        free = getattr(cfg, "n_free", 0)
         print("L0 per level: " + "  ".join(f"L{i}={v:.2f}" for i, v in enumerate(l0))
+              + (f"  free={on[:, sae.free_slice].sum(-1).float().mean().item():.2f} ({free} latents outside the tree)"
+                 if free else "")
               + f"; active latents whose parent is off: {orphans}")
 
     roots = list(range(cfg.level_widths[0]))
