@@ -467,13 +467,15 @@ def plot_ev_vs_l0(rows: list[dict[str, Any]], path: Path) -> None:
         for r in sel:
             if r["contestant"] == c:
                 pts.setdefault(r["l0_factor"], []).append((r["l0"], r["explained_variance"]))
+        if len(pts) < 2:
+            continue  # ablation rows run at one L0 only
         xs = [statistics.fmean(a for a, _ in v) for _, v in sorted(pts.items())]
         ys = [statistics.fmean(b for _, b in v) for _, v in sorted(pts.items())]
         ax.plot(xs, ys, marker="o", label=c)
     ax.set_xlabel("L0")
     ax.set_ylabel("explained variance")
     ax.set_title("Synthetic hierarchy: explained variance vs L0 (shape match)")
-    ax.legend()
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
