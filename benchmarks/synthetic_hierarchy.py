@@ -163,6 +163,19 @@ def synthetic_model_cfg(p: Profile, seed: int) -> SyntheticModelConfig:
     )
 
 
+def level_budgets(level_l0: list[float], total: float) -> list[float]:
+    """The HSAE's k per level for a total budget, from the truth's per-level L0.
+
+    At or above the truth's total, in proportion to it. Below, deeper levels are cut more
+    (level l keeps level_l0[l] * f**((l + 1) / 2), f = total / sum(level_l0), rescaled to the
+    total): a child can only fire under its parent, so budget cut from the roots is lost
+    for every level below. Measured at 0.67x the true L0 (one seed): EV 0.736 -> 0.795
+    (BatchTopK 0.817)."""
+    f = total / sum(level_l0)
+    w = [x * (f ** ((lv + 1) / 2) if f < 1 else 1.0) for lv, x in enumerate(level_l0)]
+    return [x * total / sum(w) for x in w]
+
+
 def sae_cfg(contestant: str, widths: list[int], l0: float, level_l0: list[float], d: int, hsae: dict[str, Any],
             flat_width: int | None = None):
     """The contestant's SAELens training config at total width sum(widths) + n_free (flat
@@ -181,8 +194,7 @@ def sae_cfg(contestant: str, widths: list[int], l0: float, level_l0: list[float]
     cls = get_sae_training_class(contestant)[1]
     if contestant == "hierarchical":
         tree_l0 = l0 * (1 - share) if n_free else l0
-        scale = tree_l0 / sum(level_l0)
-        k = [max(0.5, round(x * scale, 2)) for x in level_l0]
+        k = [max(0.5, round(x, 2)) for x in level_budgets(level_l0, tree_l0)]
         k = [min(kk, w) for kk, w in zip(k, widths)]
         kw = dict(level_widths=widths, k_per_level=k, allow_nonincreasing_sparsity=True)
         if n_free:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,3 +120,14 @@ def test_oracle_init_places_the_true_tree_in_the_slots():
     assert [int(gt_levels[f]) for f in feat[cfg.tree_size:]] == [-1, -1]  # free latents: free features
     assert torch.allclose(match.values[cfg.tree_size:], torch.ones(2), atol=1e-5)
     assert bench.sae_cfg("hierarchical", widths, 3.0, [1.0] * 3, 16, {**p.hsae, "oracle_init": True}).d_sae == cfg.d_sae
+
+
+def test_level_budgets_cut_deeper_levels_more_below_the_true_l0():
+    bench = _bench()
+    true = [1.25, 1.2, 1.15]
+    assert bench.level_budgets(true, 3.6) == pytest.approx(true)
+    assert bench.level_budgets(true, 7.2) == pytest.approx([2 * x for x in true])
+    low = bench.level_budgets(true, 2.4)
+    assert sum(low) == pytest.approx(2.4)
+    shares = [k / t for k, t in zip(low, true)]
+    assert shares[0] > shares[1] > shares[2]  # roots keep the most of their budget
