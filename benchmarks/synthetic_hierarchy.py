@@ -105,15 +105,17 @@ PROFILES = {
     # SynthSAEBench-16k (Chanin & Garriga-Alonso 2026), built offline from its published
     # config (SAELens docs, synth_sae_bench.md): 16,384 features, d=768, 128 roots x 4, depth 3
     # (so 4 true levels), mutually exclusive children scaled by their parent, low-rank
-    # correlations. Flat SAEs at the published width 4096 and L0 25; the HSAE's 3-level tree
-    # 192 x 4 x 4 = 4,032 latents at the same L0. The paper trains 200M samples; the default
+    # correlations. Flat SAEs at the published width 4096 and L0 25; the HSAE at the same
+    # width and L0: its 3-level tree 160 x 4 x 4 = 3,360 latents plus 736 free latents (the
+    # world has 5,504 features outside any tree) at 11% of the L0. The paper trains 200M samples; the default
     # here is 20M (a GPU session's budget), with every contestant at that budget (override with
     # --samples).
     "gpu": Profile(n_roots=128, branching=4, n_free=16_384 - 128 * 85, hidden_dim=768,
                    training_samples=20_000_000, seeds=[0, 1, 2], shapes=["match"],
                    l0_factors=[1.0], eval_samples=200_000, batch_size=1024, lr=3e-4,
                    min_prob=5e-4, max_prob=0.4, device="cuda", depth=3, world="synthsaebench16k",
-                   hsae_widths=[192, 768, 3072], flat_width=4096, l0=25.0),
+                   hsae_widths=[160, 640, 2560], flat_width=4096, l0=25.0,
+                   hsae={"n_free": 736, "free_l0_share": 0.11}),
 }
 
 

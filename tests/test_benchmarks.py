@@ -60,11 +60,12 @@ def test_gpu_profile_builds_the_published_synthsaebench_16k_world():
     assert cfg.correlation.rank == 25 and cfg.bias == 0.5 and cfg.seed == 42
     # 128 roots x (1 + 4 + 16 + 64) tree features + the rest outside any tree.
     assert 128 * 85 + p.n_free == cfg.num_features
-    hsae = bench.sae_cfg("hierarchical", bench.sae_shape(p, "match"), p.l0, [4.0, 8.0, 12.0], 768, {})
+    hsae = bench.sae_cfg("hierarchical", bench.sae_shape(p, "match"), p.l0, [4.0, 8.0, 12.0], 768, p.hsae)
     flat = bench.sae_cfg("batchtopk", bench.sae_shape(p, "match"), p.l0, [4.0, 8.0, 12.0], 768, {},
                          flat_width=p.flat_width)
     assert flat.d_sae == 4096 and flat.k == 25
-    assert hsae.d_sae == 4032 and abs(sum(hsae.k_per_level) - 25) < 0.05
+    assert hsae.d_sae == 4096 and hsae.n_free == 736  # the tree's 3,360 + free latents
+    assert abs(sum(hsae.k_per_level) + hsae.k_free - 25) < 0.05
 
 
 def test_a_deeper_truth_than_the_hsae_runs_end_to_end():
