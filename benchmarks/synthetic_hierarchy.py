@@ -358,13 +358,10 @@ def oracle_init_(sae, synth: SyntheticModel, gt_parent: torch.Tensor, gt_levels:
     spare = cfg.level_widths[0] - len(roots)
     slot_feature = dict(enumerate((roots + free_feats[:max(spare, 0)])[: cfg.level_widths[0]]))
     free_feats = free_feats[max(spare, 0):]
-    kids = {}
-    for j, par in enumerate(sae.parent_index.tolist()):
-        kids.setdefault(par, []).append(j)
     queue = list(slot_feature.items())
     while queue:
         slot, f = queue.pop(0)
-        for child_slot, child_f in zip(kids.get(slot, []), by_freq((gt_parent == f).nonzero().flatten().tolist())):
+        for child_slot, child_f in zip(sae.tree_children(slot), by_freq((gt_parent == f).nonzero().flatten().tolist())):
             slot_feature[child_slot] = child_f
             queue.append((child_slot, child_f))
     for j, f in zip(range(cfg.tree_size, cfg.d_sae), free_feats):
