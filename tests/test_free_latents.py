@@ -55,6 +55,9 @@ def test_d_sae_counts_the_free_latents_and_the_tree_is_derived_without_them():
         ({"variant": "relu", "l1_per_level": [0.1, 0.1, 0.1], "k_per_level": None}, "n_free", "'batchtopk' or 'topk'"),
         ({"projection_rank": 4}, "n_free", "projection_rank: null"),
         ({"variant": "topk", "k_free": 1.5}, "k_free", "integer k_free"),
+        ({"free_budget_rate": -0.1}, "free_budget_rate", ">= 0"),
+        ({"free_budget_rate": 0.01, "variant": "topk"}, "free_budget_rate", "variant 'batchtopk'"),
+        ({"free_budget_rate": 0.01, "n_free": 0, "d_sae": TREE, "k_free": None}, "free_budget_rate", "n_free > 0"),
     ],
 )
 def test_invalid_free_latent_configs_name_field_and_value(kwargs, field, says):
@@ -272,3 +275,55 @@ def test_path_attribution_picks_tree_latents_before_free_ones():
     fires = torch.tensor([50, 20, 5, 90, 0])
     assert _choose_latents(tree, fires, 2) == [2, 1]  # deepest tree latents, not the free one
     assert _choose_latents(tree, fires, 4) == [2, 1, 0, 3]  # free latents last
+
+
+# ----------------------------------------------------------------------------- moving budget
+
+
+def test_budget_moves_to_the_group_whose_last_kept_activation_is_larger():
+    sae = free_sae(free_budget_rate=0.1)
+    start = list(sae._k)
+    assert start == [2.0, 3.0, 4.0, 2.0]
+    # The free latents' smallest kept activation is 4x the levels': budget flows to them.
+    sae._level_min_kept = [torch.tensor(v) for v in (1.0, 0.2, 0.2, 0.8)]
+    sae._move_budget()
+    assert sae._k[0] == 2.0  # the roots keep theirs
+    assert sae._k[1] < 3.0 and sae._k[2] < 4.0 and sae._k[3] > 2.0
+    assert sum(sae._k) == pytest.approx(sum(start))  # total L0 unchanged
+    # The other way round it flows back.
+    sae._k = list(start)
+    sae._level_min_kept = [torch.tensor(v) for v in (1.0, 0.8, 0.8, 0.2)]
+    sae._move_budget()
+    assert sae._k[3] < 2.0 and sae._k[1] > 3.0 and sum(sae._k) == pytest.approx(sum(start))
+    # Equal thresholds move nothing; a level that kept nothing (inf) is skipped.
+    sae._k = list(start)
+    sae._level_min_kept = [torch.tensor(v) for v in (1.0, 0.5, float("inf"), 0.5)]
+    sae._move_budget()
+    assert sae._k == start
+
+
+def test_budget_never_drops_below_a_quarter_of_the_configured_one():
+    sae = free_sae(free_budget_rate=50.0)
+    for _ in range(5):
+        sae._level_min_kept = [torch.tensor(v) for v in (1.0, 0.01, 0.01, 10.0)]
+        sae._move_budget()
+    assert sae._k[1] == pytest.approx(3.0 / 4) and sae._k[2] == pytest.approx(4.0 / 4)
+    assert sae._k[3] == pytest.approx(2.0 + 3.0 * 3 / 4 + 4.0 * 3 / 4)
+    assert sae._k[3] <= N_FREE
+    for _ in range(5):
+        sae._level_min_kept = [torch.tensor(v) for v in (1.0, 10.0, 10.0, 0.01)]
+        sae._move_budget()
+    assert sae._k[3] == pytest.approx(2.0 / 4)
+
+
+def test_training_keeps_the_moved_budget_and_logs_it():
+    sae = free_sae(free_budget_rate=0.05)
+    warm_up(sae, 3)
+    assert sae._k != [2.0, 3.0, 4.0, 2.0] and sum(sae._k) == pytest.approx(11.0)
+    sae._k = [2.0, 3.0, 1.0, 3.0]
+    x = inputs(256)
+    out = step(sae, x)
+    assert out.metrics["l0_free"] == pytest.approx(3.0, abs=0.01)  # the selection reads the moved k
+    assert out.metrics["l0_level_2"] == pytest.approx(1.0, abs=0.01)
+    assert out.metrics["k_free"] == sae._k[3] and out.metrics["k_level_1"] == sae._k[1]
+    assert sae.cfg.k_free == 2 and sae.cfg.k_per_level == [2, 3, 4]  # cfg keeps the start

@@ -141,7 +141,15 @@ TREE_FIT_SAE = {
 }
 
 
-@pytest.mark.parametrize("sae", [None, TREE_FIT_SAE], ids=["batchtopk", "tree-fit"])
+# Free latents whose budget moves every step (free_budget_rate): the moved budget is state
+# that a checkpoint must carry, or the resumed run keeps a different number of latents.
+FREE_BUDGET_SAE = {
+    "architecture": "hierarchical", "d_in": D, "d_sae": 96, "level_widths": [4, 16, 64],
+    "k_per_level": [1, 2, 4], "n_free": 12, "k_free": 1, "free_budget_rate": 0.05,
+}
+
+
+@pytest.mark.parametrize("sae", [None, TREE_FIT_SAE, FREE_BUDGET_SAE], ids=["batchtopk", "tree-fit", "free-budget"])
 def test_interrupted_run_resumed_from_last_checkpoint_matches_uninterrupted(
         sae, tiny_lm, dataset, tmp_path, monkeypatch):
     uninterrupted = run_lm(lm_cfg(tmp_path, "full", sae), tiny_lm, dataset)
@@ -165,7 +173,12 @@ def test_interrupted_run_resumed_from_last_checkpoint_matches_uninterrupted(
     assert written == [5 * BATCH, 9 * BATCH]
     last = find_checkpoint(cfg.checkpoint_path)  # the run's checkpoint folder -> newest
     assert last.name == str(9 * BATCH)
-    if sae is not None:
+    if sae is FREE_BUDGET_SAE:
+        budget = load_file(str(last / "sae_weights.safetensors"))["_budget"]
+        assert budget.shape == (4,) and budget[0] == 1  # the roots keep theirs
+        assert not torch.allclose(budget, torch.tensor([1.0, 2.0, 4.0, 1.0], dtype=budget.dtype))
+        torch.testing.assert_close(budget.sum(), torch.tensor(8.0, dtype=budget.dtype))
+    if sae is TREE_FIT_SAE:
         # Counting runs over steps 3..6 and the tree is fitted at step 7: the first checkpoint
         # (after step 4) is inside the window and carries the counts, the second is fitted.
         assert bool(load_file(str(last / "sae_weights.safetensors"))["tree_fitted"])
@@ -177,7 +190,7 @@ def test_interrupted_run_resumed_from_last_checkpoint_matches_uninterrupted(
     resumed_out = load_file(str(tmp_path / "resumed" / "out" / "sae_weights.safetensors"))
     assert_identical(full_out, resumed_out)
 
-    if sae is not None:
+    if sae is TREE_FIT_SAE:
         # Resuming from the checkpoint inside the counting window: the counts travel with it.
         early_dir = Path(cfg.checkpoint_path) / str(5 * BATCH)
         from_early = run_lm(lm_cfg(tmp_path, "resumed-early", sae, resume_from_checkpoint=str(early_dir)),
