@@ -1218,10 +1218,12 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
             aux = self._aux_loss(x, recon, hidden_pre, unit_W_dec, dead, acts)
         else:
             # Dead tree latents learn what the tree misses, dead free latents what the whole
-            # SAE misses (the free latents' own target).
-            in_tree = torch.arange(cfg.d_sae, device=dead.device) < cfg.tree_size
-            aux = (self._aux_loss(x, recon, hidden_pre, unit_W_dec, dead & in_tree, acts)
-                   + self._aux_loss(x, out, hidden_pre, unit_W_dec, dead & ~in_tree, acts))
+            # SAE misses (the free latents' own target). Each decodes only its own block of
+            # latents: the same loss as decoding all d_sae with the other block zero, at the
+            # cost of one aux decode instead of two.
+            T = cfg.tree_size
+            aux = (self._aux_loss(x, recon, hidden_pre[..., :T], unit_W_dec[:T], dead[:T], acts)
+                   + self._aux_loss(x, out, hidden_pre[..., T:], unit_W_dec[T:], dead[T:], None))
         losses["auxiliary_reconstruction_loss"] = aux
         # prefix terms are already in `total`; add the rest (not mse, not prefixes).
         for name, value in losses.items():
@@ -1267,7 +1269,11 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
             step_input.sae_in, sae_out, hidden_pre, unit_W_dec, step_input.dead_neuron_mask)}
 
     def _aux_loss(self, x, recon, hidden_pre, unit_W_dec, dead_mask, acts=None) -> torch.Tensor:
-        """SAELens's aux-k: the top dead latents reconstruct the live latents' residual."""
+        """SAELens's aux-k: the top dead latents reconstruct the live latents' residual.
+
+        hidden_pre, unit_W_dec and dead_mask cover the same latents: all of them, or the
+        tree's first (acts given: a dead child is then revived only where its parent is on)
+        or the free latents (acts None)."""
         if dead_mask is None or self.cfg.aux_loss_coefficient == 0:
             return x.new_zeros(())
         num_dead = int(dead_mask.sum())
@@ -1275,7 +1281,7 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
             return x.new_zeros(())
         k_aux = self.cfg.aux_k or x.shape[-1] // 2
         scale = min(num_dead / k_aux, 1.0)
-        if self.cfg.aux_within_parent and bool(self.tree_fitted):
+        if acts is not None and self.cfg.aux_within_parent and bool(self.tree_fitted):
             aux_acts = self._aux_acts_within_parent(min(k_aux, num_dead), hidden_pre, dead_mask, acts)
         else:
             aux_acts = calculate_topk_aux_acts(min(k_aux, num_dead), hidden_pre, dead_mask)

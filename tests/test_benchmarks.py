@@ -132,3 +132,26 @@ def test_level_budgets_cut_deeper_levels_more_below_the_true_l0():
     assert sum(low) == pytest.approx(2.4)
     shares = [k / t for k, t in zip(low, true)]
     assert shares[0] > shares[1] > shares[2]  # roots keep the most of their budget
+
+
+def test_step_costs_time_aux_k_on_dead_latents_and_report_it(monkeypatch):
+    """The realistic-width step cost is measured twice, the second time with a fifth of the
+    latents dead (aux-k runs, as in training), and both ratios reach the report."""
+    bench = _bench()
+    seen = []
+
+    def fake_cost(sae, d, batch, device, n=20, dead_frac=0.0):
+        seen.append((type(sae).__name__, dead_frac))
+        # a stand-in for the clock: the HSAE 10% slower alive, 20% with dead latents
+        slow = 1.0 if "Hierarchical" not in type(sae).__name__ else (1.2 if dead_frac else 1.1)
+        return {"sec_per_step": slow * (2.0 if dead_frac else 1.0), "peak_mem_mb": 1.0}
+
+    monkeypatch.setattr(bench, "WIDE_STEP", dict(d=16, widths=[2, 4, 8], level_l0=[1.0, 1.5, 2.0],
+                                                 batch=8, n_free=6, free_l0_share=0.1))
+    monkeypatch.setattr(bench, "step_cost", fake_cost)
+    costs = bench.step_costs(bench.PROFILES["quick"], ["hierarchical", "batchtopk"], rounds=2, wide=True)
+    assert {f for _, f in seen} == {0.0, bench.DEAD_FRAC} and len(seen) == 8
+    assert costs["hierarchical"]["step_ratio_vs_batchtopk"] == pytest.approx(1.1)
+    assert costs["hierarchical"]["step_ratio_dead_vs_batchtopk"] == pytest.approx(1.2)
+    md = bench._wide_table({"step_cost_wide": costs, "step_cost_wide_shape": bench.WIDE_STEP})
+    assert "20% of latents dead" in md and "| hierarchical | 1100.0 | 1.10 | 2400.0 | 1.20 |" in md

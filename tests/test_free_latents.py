@@ -327,3 +327,28 @@ def test_training_keeps_the_moved_budget_and_logs_it():
     assert out.metrics["l0_level_2"] == pytest.approx(1.0, abs=0.01)
     assert out.metrics["k_free"] == sae._k[3] and out.metrics["k_level_1"] == sae._k[1]
     assert sae.cfg.k_free == 2 and sae.cfg.k_per_level == [2, 3, 4]  # cfg keeps the start
+
+
+def test_aux_loss_is_the_trees_plus_the_free_latents_each_on_its_own_residual():
+    # Each block decodes only its own latents; the reference decodes all d_sae with SAELens's
+    # aux-k (the other block's latents not dead, so zero) on the whole SAE's residual.
+    from sae_lens.saes.topk_sae import calculate_topk_aux_acts
+
+    sae = free_sae()
+    warm_up(sae, 10)
+    twin = _tree_twin(sae)
+    x = inputs(256) * 2
+    dead = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    dead[TREE - 6 :] = True
+    out, out_twin = step(sae, x, dead), step(twin, x, dead[:TREE])
+    free_dead = dead.clone()
+    free_dead[:TREE] = False
+    k_aux = sae.cfg.aux_k or D_IN // 2
+    n_dead = int(free_dead.sum())
+    aux_acts = calculate_topk_aux_acts(min(k_aux, n_dead), out.hidden_pre, free_dead)
+    unit = sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True)
+    free_aux = (aux_acts @ unit - (x - out.sae_out).detach()).pow(2).sum(-1).mean()
+    free_aux = sae.cfg.aux_loss_coefficient * min(n_dead / k_aux, 1.0) * free_aux
+    assert free_aux > 0 and out_twin.losses["auxiliary_reconstruction_loss"] > 0
+    torch.testing.assert_close(out.losses["auxiliary_reconstruction_loss"],
+                               out_twin.losses["auxiliary_reconstruction_loss"] + free_aux)
