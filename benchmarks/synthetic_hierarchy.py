@@ -544,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="training runs in parallel (one thread each)")
     ap.add_argument("--tag", default="", help="suffix for the result files (ablations)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--step-cost-only", action="store_true",
+                    help="only the realistic-width step cost (no training): step_cost_wide[_TAG].md/.json")
     args = ap.parse_args(argv)
     import yaml
 
@@ -569,6 +571,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     t_start = time.perf_counter()
+    if args.step_cost_only:
+        wide_costs = step_costs(p, list(dict.fromkeys(args.contestants + ["batchtopk"])), rounds=3, wide=True)
+        meta = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "command": " ".join(sys.argv), "torch_threads": torch.get_num_threads(),
+                "step_cost_wide": wide_costs, "step_cost_wide_shape": WIDE_STEP}
+        stem = f"step_cost_wide{('_' + args.tag) if args.tag else ''}"
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{stem}.json").write_text(json.dumps(meta, indent=1))
+        md = (f"# Step cost at a realistic width\n\nMachine: {meta['machine']}, torch threads "
+              f"{meta['torch_threads']}. Date: {meta['date']}.\nCommand: `{meta['command']}`\n"
+              + _wide_table(meta))
+        (args.out / f"{stem}.md").write_text(md)
+        print(md)
+        return 0
     jobs = [(p, c, s, seed, f) for s in p.shapes for f in p.l0_factors for seed in p.seeds
             for c in args.contestants
             if f == 1.0 or (seed == p.seeds[0] and s == "match")]  # the L0 sweep: one seed, one shape
