@@ -1271,9 +1271,9 @@ class HierarchicalTrainingSAE(_HierarchicalMixin, TrainingSAE[HierarchicalTraini
     def _aux_loss(self, x, recon, hidden_pre, unit_W_dec, dead_mask, acts=None) -> torch.Tensor:
         """SAELens's aux-k: the top dead latents reconstruct the live latents' residual.
 
-        hidden_pre, unit_W_dec and dead_mask cover the same latents: all of them, or the
-        tree's first (acts given: a dead child is then revived only where its parent is on)
-        or the free latents (acts None)."""
+        hidden_pre, unit_W_dec and dead_mask cover the same latents: all of them, the tree's
+        (acts given: a dead child is then revived only where its parent is on) or the free
+        latents' (acts None)."""
         if dead_mask is None or self.cfg.aux_loss_coefficient == 0:
             return x.new_zeros(())
         num_dead = int(dead_mask.sum())
