@@ -68,6 +68,44 @@ def test_gpu_profile_builds_the_published_synthsaebench_16k_world():
     assert abs(sum(hsae.k_per_level) + hsae.k_free - 25) < 0.05
 
 
+def test_anchor4k_profile_is_the_16k_generator_at_a_quarter_of_the_size():
+    """The CPU stand-in for the GPU anchor: the same generator settings, a quarter of the
+    features, dimensions and SAE width, and the anchor's L0 over the truth's."""
+    bench = _bench()
+    big = bench.synthetic_model_cfg(bench.PROFILES["gpu"], seed=0)
+    p = bench.PROFILES["anchor4k"]
+    small = bench.synthetic_model_cfg(p, seed=0)
+    assert (small.num_features, small.hidden_dim) == (16_384 // 4, 768 // 4)
+    assert small.hierarchy.total_root_nodes == 32
+    for name in ("firing_probability", "correlation", "orthogonalization", "mean_firing_magnitudes",
+                 "std_firing_magnitudes", "bias", "seed"):
+        assert getattr(small, name) == getattr(big, name), name
+    assert {k: v for k, v in vars(small.hierarchy).items() if k != "total_root_nodes"} == \
+        {k: v for k, v in vars(big.hierarchy).items() if k != "total_root_nodes"}
+    hsae = bench.sae_cfg("hierarchical", bench.sae_shape(p, "match"), p.l0, [4.0, 3.6, 3.6], 192, p.hsae)
+    assert hsae.d_sae == p.flat_width == 1024 and hsae.level_widths == [40, 160, 640]
+
+
+def test_a_synthsaebench_world_is_built_once_then_loaded_from_the_cache(tmp_path):
+    """SAELens's save / load_from_disk round trip: the loaded world samples exactly what the
+    built one does; another config gets its own entry; no half-written entry is left."""
+    bench = _bench()
+    p = bench.Profile(n_roots=2, branching=2, n_free=5, hidden_dim=8, training_samples=1_024,
+                      seeds=[0], shapes=["match"], l0_factors=[1.0], depth=3, world="synthsaebench",
+                      world_cache=tmp_path)
+    built = bench.build_world(p, seed=0)
+    assert [d.name.startswith("synthsaebench_") for d in tmp_path.iterdir()] == [True]
+    loaded = bench.build_world(p, seed=1)  # one world for every SAE seed
+    assert torch.equal(built.feature_dict.feature_vectors, loaded.feature_dict.feature_vectors)
+    torch.manual_seed(3)
+    a = built.sample(256)
+    torch.manual_seed(3)
+    assert torch.equal(a, loaded.sample(256))
+    p.hidden_dim = 12
+    assert bench.build_world(p, seed=0).cfg.hidden_dim == 12
+    assert len(list(tmp_path.iterdir())) == 2 and not list(tmp_path.glob(".*"))
+
+
 def test_a_deeper_truth_than_the_hsae_runs_end_to_end():
     """A 4-level truth (depth 3, as SynthSAEBench), a fixed L0 and a separate flat width: the
     GPU profile's code paths on a world small enough for CI."""
