@@ -13,7 +13,7 @@ hierarchical, batchtopk, matryoshka_batchtopk, topk, standard. Metrics come from
 On a lent GPU (10-minute commands, 15 minutes in all) run one seed per command, e.g.
     python benchmarks/synthetic_hierarchy.py --profile gpu --seeds 0 --jobs 1 \
         --contestants hierarchical batchtopk matryoshka_batchtopk --tag seed0
-and merge the seeds' JSON afterwards. The world is built from SynthSAEBench-16k's published
+and merge the seeds afterwards (`--merge results/synthetic_gpu_seed0.json ... --tag merged`). The world is built from SynthSAEBench-16k's published
 config (no Hub access needed); its orthogonalisation takes about an hour on a CPU, so it is
 built once and kept in benchmarks/.worlds/ (--world-cache). On a CPU, `--profile anchor4k`
 runs the same generator at a quarter of the size (about an hour on 2 cores).
@@ -600,11 +600,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="training runs in parallel (one thread each)")
     ap.add_argument("--tag", default="", help="suffix for the result files (ablations)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                    help="combine result JSONs of one profile (e.g. one seed per GPU command) into "
+                         "synthetic_<profile>_<tag>.{json,md}; no training")
     ap.add_argument("--step-cost-only", action="store_true",
                     help="only the realistic-width step cost (no training): step_cost_wide[_TAG].md/.json")
     args = ap.parse_args(argv)
     import yaml
 
+    if args.merge:
+        return merge_results(args.merge, args.out, args.tag)
     name = "quick" if args.quick else args.profile
     p = copy.deepcopy(PROFILES[name])
     if args.seeds:
@@ -685,6 +690,24 @@ def main(argv: list[str] | None = None) -> int:
             "step_cost_wide": wide_costs, "step_cost_wide_shape": WIDE_STEP if wide_costs else None}
     stem = f"synthetic_{name}{('_' + args.tag) if args.tag else ''}"
     print(write_report(rows, meta, p, args.out, stem))
+    return 0
+
+
+def merge_results(paths: list[Path], out: Path, tag: str) -> int:
+    """Rows of several result files of one profile in one report (later files win on the same
+    contestant, shape, seed and L0 factor)."""
+    files = [json.loads(Path(x).read_text()) for x in paths]
+    names = {d["meta"]["profile"] for d in files}
+    if len(names) != 1:
+        raise SystemExit(f"--merge: the files come from profiles {sorted(names)}; merge one profile at a time")
+    name = names.pop()
+    keyed = {(r["contestant"], r["shape"], r["seed"], r["l0_factor"]): r for d in files for r in d["rows"]}
+    rows = list(keyed.values())  # first-seen order: the contestants stay in the files' order
+    meta = dict(files[0]["meta"], command=" ; ".join(d["meta"]["command"] for d in files),
+                wall_seconds=sum(d["meta"].get("wall_seconds") or 0 for d in files),
+                note=f"Merged from {', '.join(Path(x).name for x in paths)}.")
+    stem = f"synthetic_{name}{('_' + tag) if tag else ''}"
+    print(write_report(rows, meta, PROFILES[name], out, stem))
     return 0
 
 

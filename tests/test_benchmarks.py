@@ -106,6 +106,30 @@ def test_a_synthsaebench_world_is_built_once_then_loaded_from_the_cache(tmp_path
     assert len(list(tmp_path.iterdir())) == 2 and not list(tmp_path.glob(".*"))
 
 
+def test_merge_combines_one_seed_result_files_into_one_report(tmp_path):
+    """One seed per GPU command, then one table: --merge of two halves of a committed result
+    gives the same means as the whole, and refuses files of different profiles."""
+    whole = json.loads((ROOT / "benchmarks" / "results" / "synthetic_default_1m.json").read_text())
+    halves = []
+    for i, seeds in enumerate(([0], [1, 2])):
+        part = {"meta": dict(whole["meta"], command=f"part {i}"),
+                "rows": [r for r in whole["rows"] if r["seed"] in seeds]}
+        halves.append(tmp_path / f"part{i}.json")
+        halves[-1].write_text(json.dumps(part))
+    bench = _bench()
+    assert bench.main(["--merge", *map(str, halves), "--out", str(tmp_path), "--tag", "merged"]) == 0
+    merged = json.loads((tmp_path / "synthetic_default_merged.json").read_text())
+    assert len(merged["rows"]) == len(whole["rows"])
+    md = (tmp_path / "synthetic_default_merged.md").read_text()
+    f1 = [r["f1"] for r in whole["rows"] if r["contestant"] == "hierarchical" and r["shape"] == "match"
+          and r["l0_factor"] == 1.0]
+    assert len(f1) == 3 and f"| hierarchical (n=3) | {bench._fmt(f1)} |" in md
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"meta": dict(whole["meta"], profile="quick"), "rows": []}))
+    with pytest.raises(SystemExit, match="profiles"):
+        bench.main(["--merge", str(halves[0]), str(other), "--out", str(tmp_path)])
+
+
 def test_a_deeper_truth_than_the_hsae_runs_end_to_end():
     """A 4-level truth (depth 3, as SynthSAEBench), a fixed L0 and a separate flat width: the
     GPU profile's code paths on a world small enough for CI."""
