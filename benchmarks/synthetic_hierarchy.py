@@ -13,10 +13,11 @@ hierarchical, batchtopk, matryoshka_batchtopk, topk, standard. Metrics come from
 On a lent GPU (10-minute commands, 15 minutes in all) run one seed per command, e.g.
     python benchmarks/synthetic_hierarchy.py --profile gpu --seeds 0 --jobs 1 \
         --contestants hierarchical batchtopk matryoshka_batchtopk --tag seed0
-and merge the seeds afterwards (`--merge results/synthetic_gpu_seed0.json ... --tag merged`). The world is built from SynthSAEBench-16k's published
-config (no Hub access needed); its orthogonalisation takes about an hour on a CPU, so it is
-built once and kept in benchmarks/.worlds/ (--world-cache). On a CPU, `--profile anchor4k`
-runs the same generator at a quarter of the size (about an hour on 2 cores).
+and merge the seeds afterwards (`--merge results/synthetic_gpu_seed0.json ... --tag merged`).
+The world is built from SynthSAEBench-16k's published config (no Hub access needed); its
+orthogonalisation takes about an hour on a CPU, so it is built once and kept in
+benchmarks/.worlds/ (--world-cache). On a CPU, `--profile anchor4k` runs the same generator
+at a quarter of the size (about 13 minutes per run on one core).
 
 Writes benchmarks/results/synthetic_<profile>.{json,md} and an EV-vs-L0 PNG.
 """
