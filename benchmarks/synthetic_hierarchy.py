@@ -248,6 +248,7 @@ def sae_cfg(contestant: str, widths: list[int], l0: float, level_l0: list[float]
     """
     hsae = dict(hsae)
     hsae.pop("oracle_init", None)  # an initialisation (run_one), not a config field
+    widths = list(hsae.pop("level_widths", widths))  # an ablation's own tree
     n_free, share = int(hsae.pop("n_free", 0)), float(hsae.pop("free_l0_share", 0.0))
     if not n_free:
         hsae.pop("free_budget_rate", None)  # it moves budget to free latents: none here

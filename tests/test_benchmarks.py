@@ -84,6 +84,11 @@ def test_anchor4k_profile_is_the_16k_generator_at_a_quarter_of_the_size():
         {k: v for k, v in vars(big.hierarchy).items() if k != "total_root_nodes"}
     hsae = bench.sae_cfg("hierarchical", bench.sae_shape(p, "match"), p.l0, [4.0, 3.6, 3.6], 192, p.hsae)
     assert hsae.d_sae == p.flat_width == 1024 and hsae.level_widths == [40, 160, 640]
+    # An ablation can give the HSAE its own tree; the width follows it.
+    own = bench.sae_cfg("hierarchical", bench.sae_shape(p, "match"), p.l0, [4.0, 3.6, 3.6], 192,
+                        dict(p.hsae, level_widths=[32, 128, 512], n_free=352, free_l0_share=0.31))
+    assert own.level_widths == [32, 128, 512] and own.d_sae == 1024
+    assert abs(own.k_free - 0.31 * p.l0) < 0.05
 
 
 def test_a_synthsaebench_world_is_built_once_then_loaded_from_the_cache(tmp_path):
