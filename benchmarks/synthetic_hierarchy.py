@@ -120,30 +120,33 @@ PROFILES = {
     # config (SAELens docs, synth_sae_bench.md): 16,384 features, d=768, 128 roots x 4, depth 3
     # (so 4 true levels), mutually exclusive children scaled by their parent, low-rank
     # correlations. Flat SAEs at the published width 4096 and L0 25; the HSAE at the same
-    # width and L0: its 3-level tree 160 x 4 x 4 = 3,360 latents plus 736 free latents (the
-    # world has 5,504 features outside any tree) at 11% of the L0. The paper trains 200M samples; the default
-    # here is 20M (a GPU session's budget), with every contestant at that budget (override with
-    # --samples).
+    # width and L0, set as measured best on `anchor4k` below: the truth's top three levels as
+    # its tree (128 x 4 x 4 = 2,688 latents), the rest of the width as free latents (1,408)
+    # at the truth's share of L0 outside those levels (34%: 4.6 outside any tree + 7.2 at the
+    # fourth level, of 34.8), re-seating every 100 steps. The paper trains 200M samples; the
+    # default here is 20M (a GPU session's budget), with every contestant at that budget
+    # (override with --samples).
     "gpu": Profile(n_roots=128, branching=4, n_free=16_384 - 128 * 85, hidden_dim=768,
                    training_samples=20_000_000, seeds=[0, 1, 2], shapes=["match"],
                    l0_factors=[1.0], eval_samples=200_000, batch_size=1024, lr=3e-4,
                    min_prob=5e-4, max_prob=0.4, device="cuda", depth=3, world="synthsaebench",
-                   hsae_widths=[160, 640, 2560], flat_width=4096, l0=25.0,
-                   hsae={"n_free": 736, "free_l0_share": 0.11, "free_budget_rate": 0.002, "reseat_every": 100}),
+                   flat_width=4096, l0=25.0,
+                   hsae={"n_free": 1408, "free_l0_share": 0.34, "free_budget_rate": 0.002, "reseat_every": 100}),
     # SynthSAEBench-16k's generator at a quarter of its size, for a CPU: 32 roots x 85 tree
     # features + 1,376 outside any tree = 4,096 features in d=192 (the same 21x
-    # superposition), every SAE at a quarter of the width (1,024: the HSAE's tree 40 x 4 x 4
-    # plus 184 free latents) and the anchor's L0 ratio (25 against the truth's 34.8 there;
-    # 11.5 against 16.0 here). 2M samples; about 0.35 s per step on one core, mostly sampling.
-    # Re-seating every 100 steps, as in `default`: measured here (seed 0) dead latents
-    # 315 -> 103, F1 0.225 -> 0.252, edge recall 0.057 -> 0.075, EV 0.617 -> 0.633; the gpu
-    # profile takes it on that evidence.
+    # superposition), every SAE at a quarter of the width (1,024) and the anchor's L0 ratio
+    # (25 against the truth's 34.8 there; 11.5 against 16.0 here). 2M samples; about 0.35 s
+    # per step on one core, mostly sampling. The HSAE: the truth's top tree 32 x 4 x 4 + 352
+    # free latents at 31% of the L0 (the truth's share outside those levels), re-seating
+    # every 100 steps. Measured (3 seeds, synthetic_anchor4k.md, `truetree_reseat`) against a
+    # 40 x 4 x 4 tree + 184 free at 11% without re-seating: EV 0.622 -> 0.647 (BatchTopK
+    # 0.655), F1 0.232 -> 0.255, dead latents 303 -> 121.
     "anchor4k": Profile(n_roots=32, branching=4, n_free=4_096 - 32 * 85, hidden_dim=192,
                         training_samples=2_000_000, seeds=[0, 1, 2], shapes=["match"],
                         l0_factors=[1.0], eval_samples=50_000, batch_size=1024, lr=3e-4,
                         min_prob=5e-4, max_prob=0.4, depth=3, world="synthsaebench",
-                        hsae_widths=[40, 160, 640], flat_width=1024, l0=11.5,
-                        hsae={"n_free": 184, "free_l0_share": 0.11, "free_budget_rate": 0.002,
+                        flat_width=1024, l0=11.5,
+                        hsae={"n_free": 352, "free_l0_share": 0.31, "free_budget_rate": 0.002,
                               "reseat_every": 100}),
 }
 
@@ -609,13 +612,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                     help="combine result JSONs of one profile (e.g. one seed per GPU command) into "
                          "synthetic_<profile>_<tag>.{json,md}; no training")
+    ap.add_argument("--note", default="", help="with --merge: a sentence for the report's head")
     ap.add_argument("--step-cost-only", action="store_true",
                     help="only the realistic-width step cost (no training): step_cost_wide[_TAG].md/.json")
     args = ap.parse_args(argv)
     import yaml
 
     if args.merge:
-        return merge_results(args.merge, args.out, args.tag)
+        return merge_results(args.merge, args.out, args.tag, args.note)
     name = "quick" if args.quick else args.profile
     p = copy.deepcopy(PROFILES[name])
     if args.seeds:
@@ -699,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def merge_results(paths: list[Path], out: Path, tag: str) -> int:
+def merge_results(paths: list[Path], out: Path, tag: str, note: str = "") -> int:
     """Rows of several result files of one profile in one report (later files win on the same
     contestant, shape, seed and L0 factor)."""
     files = [json.loads(Path(x).read_text()) for x in paths]
@@ -711,7 +715,7 @@ def merge_results(paths: list[Path], out: Path, tag: str) -> int:
     rows = list(keyed.values())  # first-seen order: the contestants stay in the files' order
     meta = dict(files[0]["meta"], command=" ; ".join(d["meta"]["command"] for d in files),
                 wall_seconds=sum(d["meta"].get("wall_seconds") or 0 for d in files),
-                note=f"Merged from {', '.join(Path(x).name for x in paths)}.")
+                note=f"Merged from {', '.join(Path(x).name for x in paths)}. {note}".strip())
     stem = f"synthetic_{name}{('_' + tag) if tag else ''}"
     print(write_report(rows, meta, PROFILES[name], out, stem))
     return 0

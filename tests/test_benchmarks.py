@@ -64,7 +64,8 @@ def test_gpu_profile_builds_the_published_synthsaebench_16k_world():
     flat = bench.sae_cfg("batchtopk", bench.sae_shape(p, "match"), p.l0, [4.0, 8.0, 12.0], 768, {},
                          flat_width=p.flat_width)
     assert flat.d_sae == 4096 and flat.k == 25
-    assert hsae.d_sae == 4096 and hsae.n_free == 736  # the tree's 3,360 + free latents
+    assert hsae.level_widths == [128, 512, 2048]  # the truth's top three levels
+    assert hsae.d_sae == 4096 and hsae.n_free == 1408  # the tree's 2,688 + free latents
     assert abs(sum(hsae.k_per_level) + hsae.k_free - 25) < 0.05
 
 
@@ -83,12 +84,12 @@ def test_anchor4k_profile_is_the_16k_generator_at_a_quarter_of_the_size():
     assert {k: v for k, v in vars(small.hierarchy).items() if k != "total_root_nodes"} == \
         {k: v for k, v in vars(big.hierarchy).items() if k != "total_root_nodes"}
     hsae = bench.sae_cfg("hierarchical", bench.sae_shape(p, "match"), p.l0, [4.0, 3.6, 3.6], 192, p.hsae)
-    assert hsae.d_sae == p.flat_width == 1024 and hsae.level_widths == [40, 160, 640]
+    assert hsae.d_sae == p.flat_width == 1024 and hsae.level_widths == [32, 128, 512]
+    assert abs(hsae.k_free - 0.31 * p.l0) < 0.05
     # An ablation can give the HSAE its own tree; the width follows it.
     own = bench.sae_cfg("hierarchical", bench.sae_shape(p, "match"), p.l0, [4.0, 3.6, 3.6], 192,
-                        dict(p.hsae, level_widths=[32, 128, 512], n_free=352, free_l0_share=0.31))
-    assert own.level_widths == [32, 128, 512] and own.d_sae == 1024
-    assert abs(own.k_free - 0.31 * p.l0) < 0.05
+                        dict(p.hsae, level_widths=[40, 160, 640], n_free=184, free_l0_share=0.11))
+    assert own.level_widths == [40, 160, 640] and own.d_sae == 1024
 
 
 def test_a_synthsaebench_world_is_built_once_then_loaded_from_the_cache(tmp_path):
