@@ -114,39 +114,26 @@ def step_costs(cfgs: dict[str, Any], d_in: int, batch: int, device: str, n: int 
     """Seconds per training step (forward, backward, Adam) of each SAE on a fixed random batch,
     side by side: the SAEs take turns for `rounds` rounds and each keeps its fastest, so load
     from other processes inflates every contestant alike or not at all. A share `dead_frac`
-    of each SAE's latents (the same seeded choice) is marked dead, so the aux-k loss runs as in
-    training."""
+    of each SAE's latents is marked dead, so the aux-k loss runs as in training. One step is
+    timed by the synthetic benchmark's `step_cost`."""
+    import importlib.util
+
     from sae_lens.registry import get_sae_training_class
-    from sae_lens.saes.sae import TrainStepInput
 
-    x = torch.randn(batch, d_in, device=device)
-    runs = {}
-    for name, cfg in cfgs.items():
-        sae = get_sae_training_class(cfg.architecture())[0](copy.deepcopy(cfg)).to(device).train()
-        dead = (torch.rand(cfg.d_sae, generator=torch.Generator().manual_seed(0)) < dead_frac).to(device)
-        runs[name] = (sae, torch.optim.Adam(sae.parameters(), lr=1e-4), dead)
-
-    def one(name: str, i: int) -> None:
-        sae, opt, dead = runs[name]
-        out = sae.training_forward_pass(TrainStepInput(
-            sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=i, is_logging_step=False))
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-
-    best = {name: math.inf for name in runs}
-    for name in runs:
-        one(name, 0)
-    for r in range(rounds):
-        for name in runs:
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            for i in range(n):
-                one(name, 1 + r * n + i)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            best[name] = min(best[name], (time.perf_counter() - t) / n)
+    bench = sys.modules.get("synthetic_hierarchy")
+    if bench is None:
+        spec = importlib.util.spec_from_file_location(
+            "synthetic_hierarchy", Path(__file__).with_name("synthetic_hierarchy.py"))
+        bench = importlib.util.module_from_spec(spec)
+        sys.modules["synthetic_hierarchy"] = bench  # its dataclasses look their module up
+        spec.loader.exec_module(bench)
+    saes = {name: get_sae_training_class(cfg.architecture())[0](copy.deepcopy(cfg)).to(device)
+            for name, cfg in cfgs.items()}
+    best = {name: math.inf for name in saes}
+    for _ in range(rounds):
+        for name, sae in saes.items():
+            t = bench.step_cost(sae, d_in, batch, device, n=n, dead_frac=dead_frac)["sec_per_step"]
+            best[name] = min(best[name], t)
     return best
 
 
