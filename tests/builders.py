@@ -5,36 +5,35 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from sae_lens.saes.sae import TrainStepInput
 
 import sae_lens_hierarchical as h
-from sae_lens.saes.sae import TrainStepInput
 
 D_IN = 16
 WIDTHS = [4, 16, 64]
 D_SAE = sum(WIDTHS)
-VARIANTS = ["batchtopk", "topk", "relu"]
-RANKS = [4, None]
+K = 6.0
+# (tree, gate, k_per_level, projection_rank): the default and the seed design's ablations.
+DESIGNS = {
+    "learned": dict(),
+    "fixed": dict(tree="fixed"),
+    "per_level": dict(tree="fixed", k_per_level=[1.0, 2.0, 3.0]),
+    "gated": dict(tree="fixed", gate="hard"),
+    "projected": dict(tree="fixed", projection_rank=4),
+}
 
 
-def variant_kwargs(variant: str) -> dict[str, Any]:
-    if variant == "relu":
-        return {"l1_per_level": [0.01, 0.01, 0.02]}
-    return {"k_per_level": [2, 3, 4]}
-
-
-def train_cfg(variant: str = "batchtopk", rank: int | None = 4, **kw: Any) -> h.HierarchicalTrainingSAEConfig:
-    base: dict[str, Any] = dict(
-        d_in=D_IN, d_sae=D_SAE, level_widths=list(WIDTHS), variant=variant, projection_rank=rank,
-        **variant_kwargs(variant),
-    )
+def train_cfg(design: str = "learned", **kw: Any) -> h.HierarchicalTrainingSAEConfig:
+    base: dict[str, Any] = dict(d_in=D_IN, d_sae=D_SAE, level_widths=list(WIDTHS), k=K, tree_every=5,
+                                **DESIGNS[design])
     base.update(kw)
     return h.HierarchicalTrainingSAEConfig(**base)
 
 
-def training_sae(variant: str = "batchtopk", rank: int | None = 4, seed: int = 0, **kw: Any) -> h.HierarchicalTrainingSAE:
+def training_sae(design: str = "learned", seed: int = 0, **kw: Any) -> h.HierarchicalTrainingSAE:
     torch.manual_seed(seed)
-    sae = h.HierarchicalTrainingSAE(train_cfg(variant, rank, **kw))
-    # Non-trivial biases and norms so folding and saving are actually exercised.
+    sae = h.HierarchicalTrainingSAE(train_cfg(design, **kw))
+    # Non-trivial biases so folding and saving are actually exercised.
     with torch.no_grad():
         sae.b_dec.normal_(0, 0.1)
         sae.b_enc.normal_(0, 0.01)
@@ -44,13 +43,13 @@ def training_sae(variant: str = "batchtopk", rank: int | None = 4, seed: int = 0
 def step(sae: h.HierarchicalTrainingSAE, x: torch.Tensor, dead: torch.Tensor | None = None,
          logging: bool = True):
     return sae.training_forward_pass(TrainStepInput(
-        sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0,
-        is_logging_step=logging,
+        sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=logging,
     ))
 
 
 def warm_up(sae: h.HierarchicalTrainingSAE, n: int = 20, seed: int = 1) -> None:
-    """A few optimiser steps so decoder norms, thresholds and biases move off their init."""
+    """A few optimiser steps so decoder norms, thresholds, biases and a learned tree move off
+    their init."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     for _ in range(n):

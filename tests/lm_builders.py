@@ -1,4 +1,4 @@
-"""Tiny language models with real tokenizers, built offline, for the main-job and config tests."""
+"""Tiny language models with real tokenizers, built offline, for the demo, pipeline and config tests."""
 
 from __future__ import annotations
 

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from builders import training_sae, warm_up
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,13 +57,20 @@ def test_the_pth_file_is_installed_in_this_environment():
 def saved_sae(tmp_path_factory) -> tuple[Path, Path]:
     """A trained tiny HSAE saved for inference, and its expected outputs on fixed inputs."""
     d = tmp_path_factory.mktemp("saved")
-    sae = training_sae("topk")
-    warm_up(sae, n=5)
+    sae = training_sae("learned")
+    warm_up(sae, n=12)  # past tree_every: the saved tree has edges
+    assert (sae.tree_parent >= 0).any()
     sae.save_inference_model(str(d / "sae"))
     x = torch.randn(32, sae.cfg.d_in, generator=torch.Generator().manual_seed(5))
-    sae.eval()
+    from sae_lens import SAE
+
+    # Expected outputs of the saved SAE loaded in this process (plugin imported): the fresh
+    # interpreter must reproduce them. (The training SAE's own encode is BatchTopK over the
+    # batch; inference is its learned per-token threshold.)
+    loaded = SAE.load_from_disk(str(d / "sae"))
     with torch.no_grad():
-        torch.save({"x": x, "out": sae.decode(sae.encode(x))}, d / "expected.pt")
+        torch.save({"x": x, "out": loaded.decode(loaded.encode(x)), "tree": sae.tree_parent.clone()},
+                   d / "expected.pt")
     return d / "sae", d / "expected.pt"
 
 
@@ -82,23 +88,26 @@ def test_fresh_interpreter_loads_hierarchical_saes_and_configs_without_importing
         e = torch.load({str(expected)!r})
         with torch.no_grad():
             diff = (sae.decode(sae.encode(e["x"])) - e["out"]).abs().max().item()
+        same_tree = torch.equal(sae.tree_parent, e["tree"]) and torch.equal(back.tree_parent, e["tree"])
         cfg = LanguageModelSAERunnerConfig.from_dict({{
             "sae": {{"architecture": "hierarchical", "d_in": 16, "d_sae": 84,
-                    "level_widths": [4, 16, 64], "k_per_level": [1, 2, 4]}},
+                    "level_widths": [4, 16, 64], "k": 7}},
             "model_name": "tiny", "hook_name": "blocks.0.hook_resid_post", "dataset_path": "",
             "logger": {{"log_to_wandb": False}}, "checkpoint_path": None}})
         print(json.dumps({{"before": before, "autoload": "sae_lens_hierarchical_autoload" in sys.modules,
                           "registered": registered, "cls": type(sae).__name__,
-                          "training_cls": type(back).__name__, "diff": diff,
-                          "runner_sae_cfg": type(cfg.sae).__name__, "widths": cfg.sae.level_widths}}))
+                          "training_cls": type(back).__name__, "diff": diff, "same_tree": same_tree,
+                          "runner_sae_cfg": type(cfg.sae).__name__, "widths": cfg.sae.level_widths,
+                          "k": cfg.sae.k}}))
     """, tmp_path)
     assert result["before"] == [], "start-up imported torch, SAELens or the plugin"
     assert result["autoload"] and result["registered"]
     assert result["cls"] == "HierarchicalSAE"
     assert result["training_cls"] == "HierarchicalTrainingSAE"
     assert result["diff"] < 1e-5
+    assert result["same_tree"]
     assert result["runner_sae_cfg"] == "HierarchicalTrainingSAEConfig"
-    assert result["widths"] == [4, 16, 64]
+    assert result["widths"] == [4, 16, 64] and result["k"] == 7
 
 
 def test_plugin_first_then_sae_lens_registers_once(tmp_path):

@@ -1,4 +1,5 @@
-"""Hand-built cases with known answers for sae_lens_hierarchical.metrics."""
+"""Hand-built cases with known answers for sae_lens_hierarchical.metrics (and the consistency KL
+and `tree_levels` it re-exports from `losses` and `tree`)."""
 
 import json
 import math
@@ -202,7 +203,7 @@ def test_consistency_kl_nothing_counts_is_zero_and_backprops():
     assert consistency_kl(flat, torch.full((5,), -1), None).item() == 0.0
 
 
-def test_consistency_kl_order_invariant_sums_levels_and_excludes_free():
+def test_consistency_kl_order_invariant_sums_levels_and_excludes_latents_outside_the_levels():
     # 3 levels: 0 -> {1, 2}, 1 -> 3, 2 -> 4 plus root 5 -> 6, mass everywhere
     g = torch.Generator().manual_seed(0)
     p = torch.tensor([-1, 0, 0, 1, 2, -1, 5])
@@ -219,12 +220,36 @@ def test_consistency_kl_order_invariant_sums_levels_and_excludes_free():
     inv = torch.argsort(perm)
     p_perm = torch.where(p[perm] >= 0, inv[p[perm].clamp(min=0)], -1)
     assert consistency_kl(acts[:, perm], p_perm, norms[perm]).item() == pytest.approx(kl.item(), rel=1e-5)
-    # a free latent (level -1) is ignored whatever it carries
+    # a latent given level -1 (left out of the levels) is ignored whatever it carries
     acts_f = torch.cat([acts, 5 * torch.ones(16, 1)], 1)
     lv_f = torch.cat([lv, torch.tensor([-1])])
     p_f = torch.cat([p, torch.tensor([-1])])
     got = consistency_kl(acts_f, p_f, torch.cat([norms, torch.ones(1)]), levels=lv_f)
     assert got.item() == pytest.approx(kl.item(), rel=1e-5)
+
+
+def test_metrics_reexport_the_training_loss_and_the_tree_depths():
+    """One KL for training and metrics: the metric is the function the training SAE adds as
+    its kl_consistency_loss, and on a trained SAE it gives that loss (over the coefficient)."""
+    from builders import inputs, step, training_sae, warm_up
+
+    from sae_lens_hierarchical import losses, metrics, tree
+
+    assert metrics.consistency_kl is losses.consistency_kl
+    assert metrics.tree_levels is tree.tree_levels
+    sae = training_sae("learned", kl_coefficient=0.5)
+    warm_up(sae, 12)  # past tree_every: the learned tree has edges
+    assert (sae.parent_index >= 0).any()
+    out = step(sae, inputs(128) * 3)
+    want = 0.5 * consistency_kl(out.feature_acts, sae.parent_index, None, levels=sae.latent_levels)
+    assert want.item() > 0
+    torch.testing.assert_close(out.losses["kl_consistency_loss"], want)
+    # the tree's own depths are the levels of every latent that has a parent chain to a root
+    depth = tree_levels(sae.parent_index)
+    in_tree = (sae.parent_index >= 0) | (sae.latent_levels == 0)
+    root_of = torch.tensor([sae.path(j)[0] for j in range(sae.cfg.d_sae)])
+    rooted = in_tree & (sae.latent_levels[root_of] == 0)
+    assert torch.equal(depth[rooted], sae.latent_levels[rooted])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,9 +30,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
-
-import sae_lens_hierarchical  # noqa: F401
 from builders import training_sae, warm_up
 from sae_lens import SAE
 from sae_lens.loading import pretrained_saes_directory as directory_module
@@ -40,7 +37,10 @@ from sae_lens.loading.pretrained_saes_directory import (
     get_pretrained_saes_directory,
     get_repo_id_and_folder_name,
 )
-from sae_lens_hierarchical import releases
+from safetensors.torch import save_file
+
+import sae_lens_hierarchical  # noqa: F401
+from sae_lens_hierarchical.integrations import releases
 
 PLACEHOLDER = "sae-lens-hierarchical-placeholder"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
@@ -218,10 +218,11 @@ def populate_hf_cache(repo_dir: Path, repo_id: str, hf_home: Path) -> str:
     return commit
 
 
-def save_trained(tmp_path: Path, variant: str, seed: int) -> Path:
-    sae = training_sae(variant, seed=seed)
-    warm_up(sae, n=10, seed=seed)
-    out = tmp_path / "trained" / variant
+def save_trained(tmp_path: Path, design: str, seed: int) -> Path:
+    sae = training_sae(design, seed=seed)
+    warm_up(sae, n=10, seed=seed)  # past tree_every: a learned tree has edges
+    assert (sae.tree_parent >= 0).any()
+    out = tmp_path / "trained" / design
     sae.save_inference_model(str(out))
     # What SAELens's runner also writes: feature sparsity and its runner config.
     save_file({"sparsity": torch.linspace(-4, -1, sae.cfg.d_sae)}, str(out / "sparsity.safetensors"))
@@ -233,8 +234,8 @@ def save_trained(tmp_path: Path, variant: str, seed: int) -> Path:
 def test_publish_then_from_pretrained_offline_by_release_id(local_hub, tmp_path):
     repo_id, release = "hsae-org/tiny-hsaes", "hsae-tiny-test"
     dirs = {
-        "blocks.0.hook_resid_post": save_trained(tmp_path, "batchtopk", seed=0),
-        "topk/blocks.0.hook_resid_post": save_trained(tmp_path, "topk", seed=1),
+        "blocks.0.hook_resid_post": save_trained(tmp_path, "learned", seed=0),
+        "gated/blocks.0.hook_resid_post": save_trained(tmp_path, "gated", seed=1),
     }
     gen = torch.Generator().manual_seed(7)
     acts = torch.randn(512, 16, generator=gen)
@@ -266,8 +267,8 @@ def test_publish_then_from_pretrained_offline_by_release_id(local_hub, tmp_path)
         assert 0 < saes[sae_id]["l0"] <= 84
     assert yaml.safe_load(release_file.read_text()) == entry
     # ... and it is registered in this process already.
-    assert get_repo_id_and_folder_name(release, "topk/blocks.0.hook_resid_post") == (
-        repo_id, "topk/blocks.0.hook_resid_post")
+    assert get_repo_id_and_folder_name(release, "gated/blocks.0.hook_resid_post") == (
+        repo_id, "gated/blocks.0.hook_resid_post")
 
     # Expected outputs: the SAEs as trained (SAELens's own disk loader on the output dirs).
     x = torch.randn(64, 16, generator=gen)
@@ -277,6 +278,7 @@ def test_publish_then_from_pretrained_offline_by_release_id(local_hub, tmp_path)
         with torch.no_grad():
             a = sae.encode(x)
             expected[sae_id] = {"acts": a, "out": sae.decode(a)}
+    trees = {sae_id: SAE.load_from_disk(str(d)).tree_parent.tolist() for sae_id, d in dirs.items()}
     torch.save({"x": x, "expected": expected}, tmp_path / "expected.pt")
 
     hf_home = tmp_path / "hf-home"
@@ -296,6 +298,7 @@ def test_publish_then_from_pretrained_offline_by_release_id(local_hub, tmp_path)
                 same_by_repo = torch.equal(by_repo.decode(by_repo.encode(e["x"])), out)
             result[sae_id] = {{
                 "cls": type(sae).__name__, "same_acts": torch.equal(a, exp["acts"]),
+                "tree": sae.tree_parent.tolist(), "gate": sae.cfg.gate,
                 "same_out": torch.equal(out, exp["out"]), "same_by_repo": same_by_repo,
                 "sparsity": sparsity.tolist()[:2], "neuronpedia_id": cfg.get("neuronpedia_id")}}
         lookup = get_pretrained_saes_directory()[{release!r}]
@@ -317,12 +320,15 @@ def test_publish_then_from_pretrained_offline_by_release_id(local_hub, tmp_path)
         assert r["cls"] == "HierarchicalSAE"
         assert r["same_acts"] and r["same_out"] and r["same_by_repo"], sae_id
         assert r["sparsity"] == pytest.approx([-4.0, -4.0 + 3 / 83], abs=1e-6)
+        assert r["tree"] == trees[sae_id]  # the tree travels with the weights
+    assert result["gated/blocks.0.hook_resid_post"]["gate"] == "hard"
+    assert result["blocks.0.hook_resid_post"]["gate"] == "none"
     # SAELens passes the directory's neuronpedia id on in the returned cfg dict.
     assert result["blocks.0.hook_resid_post"]["neuronpedia_id"] == "tiny/0-hsae"
 
 
 def test_publish_checks_every_directory_before_uploading(local_hub, tmp_path):
-    good = save_trained(tmp_path, "topk", seed=0)
+    good = save_trained(tmp_path, "learned", seed=0)
     broken = tmp_path / "broken"
     shutil.copytree(good, broken)
     (broken / "sae_weights.safetensors").unlink()

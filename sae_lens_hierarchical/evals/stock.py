@@ -28,71 +28,19 @@ read decoder rows as directions (absorption, SCR/TPP) see what they assume.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sae_lens_hierarchical.evals import common
+from sae_lens_hierarchical.integrations.patches import absorption_artifacts, provided_model
 
 if TYPE_CHECKING:
     import datasets as hf_datasets
     from transformer_lens import HookedTransformer
 
 STOCK_EVALS = ("core", "sparse_probing", "meta_structure", "absorption", "autointerp")
-
-
-@contextlib.contextmanager
-def provided_model(module: Any, model: HookedTransformer) -> Iterator[None]:
-    """Make `module.HookedTransformer.from_pretrained_no_processing(...)` return `model`.
-
-    SAE-Bench's run_eval functions load their model through this module-level name; inside
-    the block they get `model` (moved to the requested device and dtype) instead, whatever
-    name they ask for. The module is restored on exit.
-    """
-    original = module.HookedTransformer
-
-    class _Provided:
-        @staticmethod
-        def from_pretrained_no_processing(name: str, device: Any = None, dtype: Any = None, **_: Any) -> Any:
-            current = next(model.parameters())
-            out = model
-            if device is not None and torch.device(device) != current.device:
-                out = out.to(device)
-            if dtype is not None and dtype != current.dtype:
-                out = out.to(dtype)
-            return out
-
-        from_pretrained = from_pretrained_no_processing
-
-    module.HookedTransformer = _Provided
-    try:
-        yield
-    finally:
-        module.HookedTransformer = original
-
-
-@contextlib.contextmanager
-def absorption_artifacts(artifacts_path: str) -> Iterator[None]:
-    """Point SAE-Bench absorption's probe and experiment folders at `artifacts_path/absorption`."""
-    from sae_bench.evals.absorption import main as ab
-
-    root = os.path.join(artifacts_path, "absorption")
-    k_dir, fa_dir, probes = (os.path.join(root, d) for d in ("k_sparse_probing", "feature_absorption", "probes"))
-    originals = (ab.run_k_sparse_probing_experiment, ab.run_feature_absortion_experiment)
-    ab.run_k_sparse_probing_experiment = functools.partial(
-        originals[0], experiment_dir=k_dir, probes_dir=probes
-    )
-    ab.run_feature_absortion_experiment = functools.partial(
-        originals[1], experiment_dir=fa_dir, sparse_probing_experiment_dir=k_dir, probes_dir=probes
-    )
-    try:
-        yield
-    finally:
-        ab.run_k_sparse_probing_experiment, ab.run_feature_absortion_experiment = originals
 
 
 def _model_name(model: HookedTransformer, name: str | None) -> str:
@@ -135,7 +83,10 @@ def run_core(
     label = dataset_name or (dataset if isinstance(dataset, str) else "in-memory")
     dtype = general_utils.str_to_dtype(llm_dtype)
     tok = model.tokenizer
-    ignore = {tok.pad_token_id, tok.eos_token_id, tok.bos_token_id} if tok is not None else set()
+    ignore: set[int | None] = (
+        {int(t) for t in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) if t is not None}  # type: ignore[arg-type]
+        if tok is not None else set()
+    )
     written: dict[str, str] = {}
     for release, sae_object_or_id in selected_saes:
         sae_id, sae, _ = general_utils.load_and_format_sae(release, sae_object_or_id, device)  # type: ignore[misc]

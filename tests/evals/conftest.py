@@ -4,27 +4,33 @@
   over made-up lowercase words, saved to a temporary folder and reloaded with AutoTokenizer
   (TransformerLens reloads tokenizers by path).
 * `token_dataset`: a pretokenized in-memory `datasets.Dataset` of random words, BOS first.
-* `perfect_hsae()`: a hand-built hierarchical SAE whose children copy their parent's encoder
-  column, so a child fires exactly when its parent does: a perfect tree (HCS 1, Hamming 0,
-  KL 0) on any input.
+* `perfect_hsae()`: a hand-built hierarchical SAE (the fixed layout as its tree) whose children
+  copy their parent's encoder column, so a child fires exactly when its parent does: a perfect
+  tree (HCS 1, Hamming 0, KL 0) on any input.
 * `nested_flat_sae()`: a flat StandardSAE with planted nesting (child = parent's encoder with
   a lower bias), whose post-hoc tree is known.
+* `planted_features()` + `planted_sae()`: activations made of orthonormal features that fire
+  down a planted tree, and an SAE (hierarchical, with any tree and gate, or flat) whose latent
+  j reads and writes feature j, so latent j fires exactly when feature j does, with its
+  magnitude, and reconstructs x exactly.
+* `trained_hsae()`: a hierarchical SAE after a few training steps, saved for inference and
+  loaded back.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import string
-import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
+from sae_lens.saes.sae import SAEMetadata, TrainStepInput
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (builders.py)
-
-import sae_lens_hierarchical as h  # noqa: E402
-from sae_lens.saes.sae import SAEMetadata  # noqa: E402
+import sae_lens_hierarchical as h
+from sae_lens_hierarchical.tree import fixed_parents
 
 D_MODEL = 16
 CTX = 32
@@ -107,24 +113,41 @@ def token_dataset():
     return Dataset.from_dict({"tokens": random_token_rows(64).tolist()})
 
 
+def load_json(path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
 def metadata(model_name: str = MODEL_NAME, hook: str = HOOK) -> SAEMetadata:
     return SAEMetadata(model_name=model_name, hook_name=hook, context_size=CTX, prepend_bos=True)
 
 
-def perfect_hsae(widths=(4, 8, 16), d_in: int = D_MODEL, seed: int = 0, **meta) -> h.HierarchicalSAE:
-    """Children share their parent's encoder column and bias: child on <=> parent on."""
+def hsae(widths: Sequence[int] = (4, 8, 16), d_in: int = D_MODEL, seed: int = 0, gate: str = "none",
+         parent: torch.Tensor | None = None, **meta) -> h.HierarchicalSAE:
+    """A HierarchicalSAE with unit-norm decoder rows, W_enc = W_dec.T, zero biases and
+    thresholds, and `parent` (default: the fixed layout) as its tree."""
     torch.manual_seed(seed)
-    cfg = h.HierarchicalSAEConfig(
-        d_in=d_in, d_sae=sum(widths), level_widths=list(widths), variant="relu",
-        projection_rank=None, metadata=metadata(**meta),
-    )
+    cfg = h.HierarchicalSAEConfig(d_in=d_in, d_sae=sum(widths), level_widths=list(widths), gate=gate,
+                                  metadata=metadata(**meta))
     sae = h.HierarchicalSAE(cfg)
     with torch.no_grad():
-        for level in range(1, len(widths)):
-            b = widths[level] // widths[level - 1]
-            parent = sae.level_W_enc(level - 1)
-            sae.level_W_enc(level).copy_(parent.repeat_interleave(b, dim=1))
+        sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True))
+        sae.W_enc.copy_(sae.W_dec.T)
         sae.b_enc.zero_()
+        sae.b_dec.zero_()
+        sae.threshold.zero_()
+        sae.tree_parent.copy_(fixed_parents(list(widths)) if parent is None else parent)
+    return sae
+
+
+def perfect_hsae(widths=(4, 8, 16), d_in: int = D_MODEL, seed: int = 0, gate: str = "none", **meta) -> h.HierarchicalSAE:
+    """Children share their parent's encoder column and bias: child on <=> parent on."""
+    sae = hsae(widths, d_in, seed, gate, **meta)
+    parent = sae.parent_index
+    with torch.no_grad():
+        for sl in sae.level_slices[1:]:  # level by level, so a grandchild copies the copied column
+            for j in range(sl.start, sl.stop):
+                sae.W_enc[:, j] = sae.W_enc[:, int(parent[j])]
     return sae
 
 
@@ -179,3 +202,69 @@ def write_bias_in_bios(root: Path, n_train: int = 12, n_test: int = 6, seed: int
     pd.DataFrame(rows(n_train)).to_parquet(folder / "train.parquet")
     pd.DataFrame(rows(n_test)).to_parquet(folder / "test.parquet")
     return root
+
+
+def planted_features(parent: torch.Tensor, p_on: Sequence[float] | torch.Tensor, n: int = 4000, d_in: int | None = None,
+                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens made of orthonormal features that fire down a planted tree.
+
+    parent: Long[n_feat], each feature's parent (-1: it fires on its own); parents must come
+        before their children. Feature j fires with probability p_on[j] where its parent fires
+        (everywhere for parentless ones), with a magnitude uniform in [1, 2].
+    Returns (x [n, d_in], magnitudes [n, n_feat] (0 where off), directions [n_feat, d_in]).
+    """
+    n_feat = parent.numel()
+    d_in = d_in or n_feat
+    g = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(d_in, d_in, generator=g)).Q[:, :n_feat].T.contiguous()  # [n_feat, d_in]
+    p = torch.as_tensor(p_on, dtype=torch.float).expand(n_feat)
+    on = torch.zeros(n, n_feat, dtype=torch.bool)
+    for j in range(n_feat):
+        own = torch.rand(n, generator=g) < p[j]
+        on[:, j] = own if parent[j] < 0 else own & on[:, int(parent[j])]
+    mags = (1 + torch.rand(n, n_feat, generator=g)) * on
+    return mags @ q, mags, q
+
+
+def planted_sae(directions: torch.Tensor, level_widths: Sequence[int] | None = None, parent: torch.Tensor | None = None,
+                gate: str = "none", flat: bool = False, **meta):
+    """An SAE whose latent j reads and writes feature j (W_enc = directions.T, W_dec = directions,
+    zero biases, threshold 0.1): a HierarchicalSAE with `level_widths` and tree `parent`, or
+    with flat=True a plain SAELens JumpReLU SAE (no tree)."""
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+    n_feat, d_in = directions.shape
+    if flat:
+        sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=n_feat, metadata=metadata(**meta)))
+    else:
+        sae = hsae(level_widths, d_in, gate=gate, parent=parent, **meta)
+    with torch.no_grad():
+        sae.W_dec.copy_(directions)
+        sae.W_enc.copy_(directions.T)
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+        sae.threshold.fill_(0.1)
+    return sae
+
+
+def trained_hsae(tmp_path: Path, steps: int = 10) -> h.HierarchicalSAE:
+    """A hierarchical SAE after a few training steps (learned tree re-assigned every 5 steps),
+    saved for inference and loaded back."""
+    from sae_lens import SAE
+
+    torch.manual_seed(0)
+    cfg = h.HierarchicalTrainingSAEConfig(d_in=D_MODEL, d_sae=84, level_widths=[4, 16, 64], k=6, tree_every=5)
+    sae = h.HierarchicalTrainingSAE(cfg)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    for i in range(steps):
+        out = sae.training_forward_pass(TrainStepInput(
+            sae_in=torch.randn(128, D_MODEL, generator=g), coefficients={}, dead_neuron_mask=None,
+            n_training_steps=i, is_logging_step=False))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    sae.save_inference_model(str(tmp_path / "trained"))
+    loaded = SAE.load_from_disk(str(tmp_path / "trained"))
+    loaded.cfg.metadata = metadata()
+    return loaded

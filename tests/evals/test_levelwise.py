@@ -1,6 +1,8 @@
-"""The levelwise eval: per-level numbers against a direct computation, per-level sparse probing
-through SAE-Bench's own code on a local dataset folder, and autointerp per level through
-SAE-Bench's autointerp with a local OpenAI-compatible judge (or skipped with a message)."""
+"""The levelwise eval: per-level numbers against a direct computation, the share of L0 and of
+explained variance carried by latents outside the tree on a planted SAE where both are known,
+per-level sparse probing through SAE-Bench's own code on a local dataset folder, and autointerp
+per level through SAE-Bench's autointerp with a local OpenAI-compatible judge (or skipped with
+a message)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,20 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import torch
-from conftest import CTX, D_MODEL, HOOK, MODEL_NAME, nested_flat_sae, perfect_hsae, write_bias_in_bios
+from conftest import (
+    CTX,
+    D_MODEL,
+    HOOK,
+    MODEL_NAME,
+    load_json,
+    nested_flat_sae,
+    perfect_hsae,
+    planted_features,
+    planted_sae,
+    write_bias_in_bios,
+)
 
+from sae_lens_hierarchical.evals import common
 from sae_lens_hierarchical.evals.levelwise import main as levelwise
 from sae_lens_hierarchical.evals.levelwise.eval_config import LevelwiseEvalConfig
 from sae_lens_hierarchical.evals.levelwise.eval_output import LevelwiseEvalOutput
@@ -58,6 +72,67 @@ def test_per_level_numbers_match_a_direct_computation(tiny_model, token_dataset,
     assert m["explained_variance"] == rows[2]["prefix_explained_variance"]
     assert m["root_explained_variance"] == rows[0]["prefix_explained_variance"]
     assert m["n_tokens"] == x.shape[0]
+    # the fixed layout leaves no latent outside the tree
+    assert m["outside_tree_latents"] == 0 and m["outside_tree_l0"] == 0.0
+    assert m["outside_tree_l0_share"] == 0.0 and m["outside_tree_explained_variance_share"] == 0.0
+    assert all(r["outside_tree_latents"] == 0 and r["outside_tree_explained_variance_share"] == 0.0 for r in rows)
+    assert "free_latents" not in rows[0]
+
+
+class _Activations:
+    def __init__(self, x):
+        self.x = x
+
+
+class _Context:
+    """The part of common.EvalContext the levelwise eval reads: activations of given tokens."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def activations(self, sae):
+        return _Activations(self.x)
+
+
+def test_outside_tree_l0_and_explained_variance_shares_on_a_planted_sae():
+    """Features fire down a planted tree of 2 roots, 4 children and 8 grandchildren; latent j
+    reads and writes feature j, so the SAE reconstructs x exactly (EV = 1). Its native tree
+    leaves latents 5 (level 1, a parent) and 9, 12 (level 2) without a parent. Their share of
+    the L0 is their share of the features that fire, and zeroing them removes exactly their
+    squared magnitudes (orthonormal features): EV share = sum m_j^2 / total variance."""
+    planted = torch.tensor([-1, -1, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
+    x, mags, q = planted_features(planted, [0.7, 0.5] + [0.6] * 12, n=3000, d_in=16, seed=5)
+    native = planted.clone()
+    outside = [5, 9, 12]
+    native[outside] = -1
+    sae = planted_sae(q, level_widths=[2, 4, 8], parent=native)
+    assert sae.outside_tree.nonzero().flatten().tolist() == outside
+
+    overall, rows, _ = levelwise.run_eval_single_sae(config(), sae, _Context(x))
+    on = mags > 0
+    total_var = float((x.double() - x.double().mean(0)).pow(2).sum())
+    assert overall["explained_variance"] == pytest.approx(1.0, abs=1e-5)
+    assert overall["outside_tree_latents"] == 3
+    assert overall["outside_tree_l0"] == pytest.approx(float(on[:, outside].sum()) / x.shape[0])
+    assert overall["outside_tree_l0_share"] == pytest.approx(float(on[:, outside].sum() / on.sum()), rel=1e-6)
+    expected_ev = float(mags[:, outside].double().pow(2).sum()) / total_var
+    assert overall["outside_tree_explained_variance_share"] == pytest.approx(expected_ev, rel=1e-4)
+    assert 0.05 < expected_ev < 0.5
+    levels = sae.latent_levels
+    for lv, row in enumerate(rows):
+        out_lv = [j for j in outside if int(levels[j]) == lv]
+        assert row["outside_tree_latents"] == len(out_lv)
+        in_lv = (levels == lv).nonzero().flatten()
+        assert row["outside_tree_l0_share"] == pytest.approx(float(on[:, out_lv].sum() / on[:, in_lv].sum()), abs=1e-7)
+        share = float(mags[:, out_lv].double().pow(2).sum()) / total_var
+        assert row["outside_tree_explained_variance_share"] == pytest.approx(share, rel=1e-4, abs=1e-9)
+    assert rows[0]["outside_tree_latents"] == 0 and rows[0]["outside_tree_l0_share"] == 0.0
+    # the same SAE on a post-hoc tree: its levels are depths, nothing is outside it
+    overall, _, _ = levelwise.run_eval_single_sae(config(tree_source="posthoc"), sae, _Context(x))
+    assert overall["tree_source"] == "posthoc" and overall["outside_tree_latents"] == 0
+    assert overall["outside_tree_explained_variance_share"] == 0.0
+    tree = common.native_tree(sae)
+    assert tree.outside.nonzero().flatten().tolist() == outside
 
 
 def test_flat_sae_gets_posthoc_levels(tiny_model, token_dataset, tmp_path):
@@ -205,4 +280,4 @@ def test_committed_schema_equals_generated():
     from sae_lens_hierarchical.evals import generate_json_schemas as gen
 
     path = os.path.join(os.path.dirname(levelwise.__file__), "eval_output_schema_levelwise.json")
-    assert json.load(open(path)) == gen.schema(LevelwiseEvalOutput)
+    assert load_json(path) == gen.schema(LevelwiseEvalOutput)

@@ -5,12 +5,11 @@ get post-hoc paths, and the JSON comes with a plot."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
-from conftest import CTX, HOOK, MODEL_NAME, build_model, nested_flat_sae, perfect_hsae, WORDS
+from conftest import CTX, HOOK, MODEL_NAME, WORDS, build_model, load_json, nested_flat_sae, perfect_hsae
 
 from sae_lens_hierarchical import metrics
 from sae_lens_hierarchical.evals import common
@@ -27,9 +26,9 @@ def config(**kw) -> PathAttributionEvalConfig:
 
 
 def mixed_hsae() -> torch.nn.Module:
-    """A hierarchical SAE whose children are gated by their parents but read other directions,
-    so each path node carries its own share."""
-    sae = perfect_hsae()
+    """A hierarchical SAE whose children are gated by their parents (gate: hard) but read other
+    directions, so each path node carries its own share."""
+    sae = perfect_hsae(gate="hard")
     with torch.no_grad():
         children = sae.W_enc[:, sae.level_slices[1].start:]
         children.add_(0.5 * torch.randn_like(children))
@@ -78,7 +77,7 @@ def test_gradient_times_activation_is_the_exact_logit_change_when_linear(tokeniz
     for r in rows:
         row, pos, target = tokens[r["prompt_index"]], r["token_position"], tok_id[r["logit_token"]]
 
-        def logit(drop: int | None) -> float:
+        def logit(drop: int | None, row=row, pos=pos, target=target) -> float:
             def splice(act, hook):
                 f = sae.encode(act)
                 x_hat = sae.decode(f)
@@ -145,8 +144,22 @@ def test_input_texts_and_explicit_latents(tiny_model, token_dataset, tmp_path):
                     model=tiny_model, dataset=token_dataset)
 
 
+def test_latents_outside_the_tree_are_chosen_last_and_are_their_own_path():
+    sae = perfect_hsae()
+    with torch.no_grad():
+        sae.tree_parent[20] = -1  # a leaf outside the tree
+    tree = common.native_tree(sae)
+    assert tree.outside.nonzero().flatten().tolist() == [20]
+    assert tree.path(20) == [20] and tree.path(21) == sae.path(21) and len(tree.path(21)) == 3
+    fires = torch.ones(sae.cfg.d_sae, dtype=torch.long)
+    fires[20] = 100  # the most frequent latent, at the deepest level
+    chosen = pa._choose_latents(tree, fires, 28)
+    # deepest first (by frequency, then index), latent 20 last although it fires most
+    assert chosen == [*range(12, 20), *range(21, 28), *range(4, 12), *range(4), 20]
+
+
 def test_committed_schema_equals_generated():
     from sae_lens_hierarchical.evals import generate_json_schemas as gen
 
     path = os.path.join(os.path.dirname(pa.__file__), "eval_output_schema_path_attribution.json")
-    assert json.load(open(path)) == gen.schema(PathAttributionEvalOutput)
+    assert load_json(path) == gen.schema(PathAttributionEvalOutput)

@@ -2,7 +2,7 @@
 
 * SAE-Bench's own `get_eval_results` / `get_core_results` / `plot_results` read the stock-eval
   results of hierarchical SAEs as they read any other SAE's;
-* `report.load_eval_results` gives exactly SAE-Bench's record for a core file, and also reads
+* `reporting.load_eval_results` gives exactly SAE-Bench's record for a core file, and also reads
   the plugin files (which SAE-Bench's loader refuses: it knows only its own evals), and
   SAE-Bench's `plot_2var_graph` plots them;
 * `build_report` writes report.md whose image links resolve;
@@ -12,17 +12,17 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from conftest import CTX, WORDS, nested_flat_sae, perfect_hsae, write_bias_in_bios
+from conftest import CTX, WORDS, load_json, nested_flat_sae, perfect_hsae, write_bias_in_bios
 
-from sae_lens_hierarchical import cli
-from sae_lens_hierarchical.evals import report, run_all
+from sae_lens_hierarchical import cli, reporting
+from sae_lens_hierarchical.evals import run_all
 
 
 @pytest.fixture(scope="module")
@@ -76,16 +76,26 @@ def test_plugin_results_load_in_saebench_format_and_plot(results, tmp_path):
 
     out, _ = results
     core_file = str(out / "core" / "hsae_custom_sae_eval_results.json")
-    ours, theirs = report.load_eval_results([core_file]), gu.get_eval_results([core_file])
+    ours, theirs = reporting.load_eval_results([core_file]), gu.get_eval_results([core_file])
     assert {k: v for k, v in ours["hsae_custom_sae"].items() if k in theirs["hsae_custom_sae"]} == theirs["hsae_custom_sae"]
     assert set(theirs["hsae_custom_sae"]) <= set(ours["hsae_custom_sae"])
 
     hier_files = sorted(glob.glob(str(out / "hierarchy" / "*_eval_results.json")))
     with pytest.raises(ValueError, match="add the correct key"):
         gu.get_eval_results(hier_files)  # SAE-Bench's loader knows only its own evals
-    recs = report.load_eval_results(hier_files)
+    recs = reporting.load_eval_results(hier_files)
     assert recs["hsae_custom_sae"]["hierarchical_consistency_score"] == 1.0
     assert recs["hsae_custom_sae"]["tree_source"] == "native" and recs["flat_custom_sae"]["tree_source"] == "posthoc"
+    # the level post-hoc block is a second metric category with its own (prefixed) names, so
+    # flattening the categories into one record keeps both trees' numbers
+    for key in ("hsae_custom_sae", "flat_custom_sae"):
+        assert recs[key]["necessity"] is not None and "level_posthoc_necessity" in recs[key]
+        assert "p_child_given_parent" in recs[key] and "level_posthoc_hamming_per_token" in recs[key]
+    assert recs["hsae_custom_sae"]["necessity"] == 1.0
+    assert recs["hsae_custom_sae"]["level_posthoc_level_widths"] == [4, 8, 16]
+    assert recs["flat_custom_sae"]["level_posthoc_level_widths"] == [1, 2, 5]
+    lw = reporting.load_eval_results(sorted(glob.glob(str(out / "levelwise" / "*_eval_results.json"))))
+    assert lw["hsae_custom_sae"]["outside_tree_l0_share"] == 0.0
     core = gu.get_core_results(sorted(glob.glob(str(out / "core" / "*_eval_results.json"))))
     for key in recs:
         recs[key].update(core[key])
@@ -96,8 +106,8 @@ def test_plugin_results_load_in_saebench_format_and_plot(results, tmp_path):
 
 def test_report_has_the_table_and_plots(results, tmp_path):
     out, status = results
-    path = report.build_report(str(out), str(tmp_path / "report"), status=status)
-    text = open(path).read()
+    path = reporting.build_report(str(out), str(tmp_path / "report"), status=status)
+    text = Path(path).read_text()
     assert "| hsae_custom_sae | hierarchical |" in text and "| flat_custom_sae | standard |" in text
     for header in ("HCS", "CE loss score", "probe top-1", "meta-SAE FVE", "root share (recon)"):
         assert header in text
@@ -148,7 +158,7 @@ def test_hsae_eval_command_writes_the_report(tiny_model, tmp_path, monkeypatch, 
     assert (out / "core" / "flat_run_custom_sae_eval_results.json").exists()  # named after its folder
     text = (out / "report.md").read_text()
     assert "| sparse_probing | ok |" in text and "hsae_custom_sae" in text and "flat_run_custom_sae" in text
-    data = json.load(open(out / "levelwise" / "hsae_custom_sae_eval_results.json"))
+    data = load_json(out / "levelwise" / "hsae_custom_sae_eval_results.json")
     assert data["eval_config"]["dataset_name"] == str(text_dir)
     assert data["eval_result_details"][0]["sparse_probing_top_1_test_accuracy"] is not None
     assert (out / "plots" / "consistency_native_vs_posthoc.png").exists()

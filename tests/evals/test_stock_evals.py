@@ -9,30 +9,27 @@ The model object reaches run_eval through `stock.provided_model` (their model lo
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import string
 
 import pytest
 import torch
-from conftest import CTX, HOOK, SPECIALS, build_model, metadata, nested_flat_sae, perfect_hsae, write_bias_in_bios
+from conftest import (
+    CTX,
+    HOOK,
+    SPECIALS,
+    build_model,
+    hsae,
+    load_json,
+    nested_flat_sae,
+    perfect_hsae,
+    trained_hsae,
+    write_bias_in_bios,
+)
 
 import sae_lens_hierarchical as h
 from sae_lens_hierarchical.evals import stock
-
-
-def trained_hsae(tmp_path):
-    """A hierarchical SAE after a few training steps, saved for inference and loaded back."""
-    from builders import training_sae, warm_up
-    from sae_lens import SAE
-
-    sae = training_sae("batchtopk")
-    warm_up(sae, n=10)
-    sae.save_inference_model(str(tmp_path / "trained"))
-    loaded = SAE.load_from_disk(str(tmp_path / "trained"))
-    loaded.cfg.metadata = metadata()
-    return loaded
 
 
 def test_core_runs_unpatched_on_an_in_memory_pretokenized_dataset(tiny_model, token_dataset, tmp_path):
@@ -50,7 +47,7 @@ def test_core_runs_unpatched_on_an_in_memory_pretokenized_dataset(tiny_model, to
                              n_eval_sparsity_variance_batches=2)
     assert sorted(os.listdir(out)) == sorted(f"{n}_custom_sae_eval_results.json" for n in ("perfect", "trained", "flat"))
     for name, sae in saes:
-        data = json.load(open(written[f"{name}_custom_sae"]))
+        data = load_json(written[f"{name}_custom_sae"])
         assert data["eval_type_id"] == "core" and data["eval_config"]["dataset"] == "in-memory"
         m = data["eval_result_metrics"]
         assert set(m) == {"model_behavior_preservation", "model_performance_preservation", "reconstruction_quality",
@@ -58,7 +55,7 @@ def test_core_runs_unpatched_on_an_in_memory_pretokenized_dataset(tiny_model, to
         assert m["token_stats"]["total_tokens_eval_reconstruction"] == CTX * 2 * 4
         assert m["sparsity"]["l0"] > 0
         assert [d["index"] for d in data["eval_result_details"]] == list(range(sae.cfg.d_sae))
-    perfect = json.load(open(written["perfect_custom_sae"]))
+    perfect = load_json(written["perfect_custom_sae"])
     # each child copies its parent's encoder column: SAE-Bench finds a twin for every latent
     assert perfect["eval_result_metrics"]["misc_metrics"]["average_max_encoder_cosine_sim"] == pytest.approx(1.0, abs=1e-5)
     assert perfect["sae_cfg_dict"]["architecture"] == "hierarchical"
@@ -78,7 +75,7 @@ def test_sparse_probing_runs_from_a_local_dataset_folder(tiny_model, tmp_path, m
                                    str(tmp_path / "out"), config=cfg, artifacts_path=str(tmp_path / "art"))
     assert sp.HookedTransformer is HookedTransformer  # the model loader is restored
     assert set(res) == {"hsae_custom_sae", "flat_custom_sae"}
-    data = json.load(open(tmp_path / "out" / "hsae_custom_sae_eval_results.json"))
+    data = load_json(tmp_path / "out" / "hsae_custom_sae_eval_results.json")
     assert data["eval_type_id"] == "sparse_probing" and data["eval_config"]["model_name"] == tiny_model.cfg.model_name
     sae_m, llm_m = data["eval_result_metrics"]["sae"], data["eval_result_metrics"]["llm"]
     for value in (sae_m["sae_test_accuracy"], sae_m["sae_top_1_test_accuracy"], sae_m["sae_top_2_test_accuracy"],
@@ -93,7 +90,7 @@ def test_meta_structure_runs_as_it_is(tmp_path):
 
     res = stock.run_meta_structure([("hsae", perfect_hsae())], str(tmp_path),
                                    config=MetaStructureEvalConfig(train_steps=20, train_batch_size=32))
-    data = json.load(open(tmp_path / "hsae_custom_sae_eval_results.json"))
+    data = load_json(tmp_path / "hsae_custom_sae_eval_results.json")
     assert data["eval_type_id"] == "meta_structure_decoder_variance"
     fve = data["eval_result_metrics"]["meta_structure"]["decoder_fraction_variance_explained"]
     assert fve == pytest.approx(res["hsae_custom_sae"]) and fve < 1.0
@@ -135,9 +132,7 @@ def test_absorption_runs_on_a_planted_first_letter_model(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)  # SAE-Bench writes a per-SAE json to ./artifacts/absorption
     model, letters = planted_first_letter_model(tmp_path)
-    cfg = h.HierarchicalSAEConfig(d_in=32, d_sae=96, n_levels=2, level_widths=[32, 64], variant="relu",
-                                  projection_rank=None, metadata=metadata("tiny-first-letters", HOOK))
-    sae = h.HierarchicalSAE(cfg)
+    sae = hsae((32, 64), d_in=32, model_name="tiny-first-letters", hook=HOOK)
     with torch.no_grad():  # roots 0..25 read and write the letter directions
         sae.W_dec[:26] = letters
         sae.W_enc[:, :26] = letters.T
@@ -148,7 +143,7 @@ def test_absorption_runs_on_a_planted_first_letter_model(tmp_path, monkeypatch):
     res = stock.run_absorption([("hsae", sae)], model, str(tmp_path / "out"), config=ab_cfg,
                                artifacts_path=str(tmp_path / "art"))
     assert res is not None
-    data = json.load(open(tmp_path / "out" / "hsae_custom_sae_eval_results.json"))
+    data = load_json(tmp_path / "out" / "hsae_custom_sae_eval_results.json")
     assert data["eval_type_id"] == "absorption_first_letter"
     mean = data["eval_result_metrics"]["mean"]
     assert 0.0 <= mean["mean_absorption_fraction_score"] <= 1.0

@@ -28,8 +28,12 @@ class HierarchyMetrics(BaseMetrics):
     )
     necessity: float | None = Field(
         title="Necessity",
-        description="Mean over edges p->c whose child fires of P(p on | c on).",
+        description="Mean over edges p->c whose child fires of P(p on | c on) (Luo et al. 2026).",
         json_schema_extra=DEFAULT_DISPLAY,
+    )
+    p_child_given_parent: float | None = Field(
+        title="P(child | parent)",
+        description="Mean over edges p->c whose parent fires of P(c on | p on) (Luo et al. 2026).",
     )
     coverage: float | None = Field(
         title="Coverage",
@@ -59,34 +63,90 @@ class HierarchyMetrics(BaseMetrics):
     )
     tree_source: str = Field(
         title="Tree Source",
-        description="'native' (the SAE's own tree) or 'posthoc' (fitted on co-firing).",
+        description="'native' (the SAE's own tree) or 'posthoc' (fitted on co-firing, DESIGN section 3).",
     )
-    n_levels: int = Field(title="Number of Levels", description="Depth of the tree, roots included.")
+    n_levels: int = Field(title="Number of Levels", description="Levels of the tree, roots included.")
     n_edges: int = Field(title="Edges", description="Parent->child edges of the tree.")
     n_parents: int = Field(title="Parents", description="Latents with at least one child.")
     n_edges_scored: int = Field(title="Edges Scored", description="Edges whose child fires on the held-out tokens.")
     n_parents_scored: int = Field(title="Parents Scored", description="Parents that fire on the held-out tokens.")
+    n_outside_tree: int = Field(
+        title="Latents Outside the Tree",
+        description="Latents below level 0 without a parent (a native tree's; 0 for a post-hoc tree).",
+    )
     n_tokens: int = Field(title="Tokens", description="Held-out tokens the metrics are computed on.")
+
+
+@dataclass
+class LevelPosthocMetrics(BaseMetrics):
+    level_posthoc_necessity: float | None = Field(
+        title="Necessity (Level Post-hoc Tree)",
+        description="Necessity, mean P(p on | c on) over edges, of the level post-hoc tree.",
+        json_schema_extra=DEFAULT_DISPLAY,
+    )
+    level_posthoc_p_child_given_parent: float | None = Field(
+        title="P(child | parent) (Level Post-hoc Tree)",
+        description="Mean P(c on | p on) over the level post-hoc tree's edges whose parent fires.",
+        json_schema_extra=DEFAULT_DISPLAY,
+    )
+    level_posthoc_coverage: float | None = Field(
+        title="Coverage (Level Post-hoc Tree)",
+        description="Mean over firing parents of P(some child on | parent on), level post-hoc tree.",
+    )
+    level_posthoc_hierarchical_consistency_score: float | None = Field(
+        title="HCS (Level Post-hoc Tree)",
+        description="Hierarchical consistency score of the level post-hoc tree.",
+    )
+    level_posthoc_hamming_per_token: float = Field(
+        title="Hamming per Token (Level Post-hoc Tree)",
+        description="Mean number of parents per token whose firing differs from the OR of their children.",
+        json_schema_extra=DEFAULT_DISPLAY,
+    )
+    level_posthoc_n_edges: int = Field(
+        title="Edges (Level Post-hoc Tree)",
+        description="Edges of the level post-hoc tree (latents below level 0 that fire with some latent one level up).",
+    )
+    level_posthoc_n_edges_scored: int = Field(
+        title="Edges Scored (Level Post-hoc Tree)",
+        description="Of those, edges whose child fires on the held-out tokens.",
+    )
+    level_posthoc_level_widths: list[int] = Field(
+        title="Level Widths (Level Post-hoc Tree)",
+        description="Latents per level of the level post-hoc tree, roots first.",
+    )
 
 
 @dataclass
 class HierarchyMetricCategories(BaseMetricCategories):
     hierarchy: HierarchyMetrics = Field(
         title="Hierarchy",
-        description="Hierarchical consistency of the whole tree.",
+        description="Hierarchical consistency of the whole tree chosen by tree_source.",
+    )
+    level_posthoc: LevelPosthocMetrics = Field(
+        title="Level Post-hoc Tree",
+        description=(
+            "The same metrics on the level post-hoc tree, built the same way for every SAE "
+            "(hierarchical or flat): levels by firing density on the fit tokens with the "
+            "hierarchical SAE's level widths (a flat SAE: posthoc_level_widths), each latent's "
+            "parent the latent one level up with the highest P(parent on | latent on); scored "
+            "on the held-out tokens."
+        ),
     )
 
 
 @dataclass
 class HierarchyLevelDetail(BaseResultDetail):
     level: int = Field(title="Level", description="Level of the parents (0 = roots); their edges go to level + 1.")
-    free_latents: bool = Field(
-        default=False, title="Free Latents",
-        description="This row is the SAE's free latents (outside its tree, no edges); they carry level n_levels.",
-    )
     n_latents: int = Field(title="Latents", description="Latents at this level.")
+    outside_tree_latents: int = Field(
+        title="Latents Outside the Tree",
+        description="Latents of this level without a parent (levels below 0; a native tree's only).",
+    )
     hierarchical_consistency_score: float | None = Field(title="HCS", description="HCS over this level's parents.")
     necessity: float | None = Field(title="Necessity", description="Necessity of the edges from this level.")
+    p_child_given_parent: float | None = Field(
+        title="P(child | parent)", description="Mean P(c on | p on) over the edges from this level whose parent fires."
+    )
     coverage: float | None = Field(title="Coverage", description="Coverage of this level's parents.")
     hamming_distance: float | None = Field(title="Hamming Distance", description="Hamming distance of this level's parents.")
     hamming_per_token: float = Field(title="Hamming per Token", description="Mismatching parents of this level per token.")
@@ -107,9 +167,10 @@ class HierarchyEvalOutput(
     # This will end up being the description of the eval in the UI.
     """
     Hierarchical consistency of an SAE's tree: the native tree of a hierarchical SAE, the
-    post-hoc tree (co-firing) of a flat one. Necessity, coverage, their harmonic mean (HCS),
-    the Hamming distance between each parent and the OR of its children, and the consistency
-    KL, overall and per level, on held-out tokens.
+    post-hoc tree (co-firing) of a flat one. Necessity P(parent | child), P(child | parent),
+    coverage, their harmonic mean (HCS), the Hamming distance between each parent and the OR
+    of its children, and the consistency KL, overall and per level, on held-out tokens; plus
+    the same parent-child numbers on a level post-hoc tree built the same way for every SAE.
     """
 
     eval_config: HierarchyEvalConfig
@@ -119,7 +180,7 @@ class HierarchyEvalOutput(
     eval_result_details: list[HierarchyLevelDetail] = Field(
         default_factory=list,
         title="Per-Level Metrics",
-        description="The same metrics for each level of parents.",
+        description="The same metrics for each level of parents of the tree chosen by tree_source.",
     )
     eval_type_id: str = Field(
         default=EVAL_TYPE_ID_HIERARCHY,

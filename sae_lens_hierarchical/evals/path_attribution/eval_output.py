@@ -73,7 +73,10 @@ class PathAttributionDetail(BaseResultDetail):
     prompt_index: int = Field(title="Prompt", description="Row of the evaluation tokens (or index into input_texts).")
     token_position: int = Field(title="Position", description="Token position in that row.")
     token: str = Field(title="Token", description="The token at that position.")
-    path: list[int] = Field(title="Path", description="Latents from the root down to the target.")
+    path: list[int] = Field(
+        title="Path",
+        description="Latents from the root down to the target ([target] for a latent outside the tree).",
+    )
     path_levels: list[int] = Field(title="Path Levels", description="Level of each path node.")
     activations: list[float] = Field(title="Activations", description="Activation a_v of each path node at this token.")
     reconstruction_contributions: list[float] = Field(

@@ -87,7 +87,7 @@ def attribute_path(
     device = next(model.parameters()).device
     state: dict[str, torch.Tensor] = {}
 
-    def splice(act: torch.Tensor, hook: Any) -> torch.Tensor:
+    def splice(act: torch.Tensor, hook: Any) -> torch.Tensor:  # noqa: ARG001  (TransformerLens passes hook=)
         f = sae.encode(act).detach().requires_grad_(True)
         x_hat = sae.decode(f)
         state["f"], state["x_hat"] = f, x_hat
@@ -152,10 +152,11 @@ def attribute_path(
 
 
 def _choose_latents(tree: common.Tree, fires: torch.Tensor, n: int) -> list[int]:
-    """The n deepest firing latents of the tree, most frequent first within a depth (free
-    latents, outside the tree, only if nothing in it fires: their path is themselves)."""
+    """The n deepest firing latents of the tree, most frequent first within a level (latents
+    outside the tree come after every latent in it: their path is themselves)."""
     live = (fires > 0).nonzero().flatten().tolist()
-    live.sort(key=lambda j: (int(tree.levels[j]) == tree.free_level, -int(tree.levels[j]), -int(fires[j]), j))
+    outside = tree.outside
+    live.sort(key=lambda j: (bool(outside[j]), -int(tree.levels[j]), -int(fires[j]), j))
     return live[:n]
 
 
@@ -177,14 +178,13 @@ def run_eval_single_sae(
     fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     for chunk in _chunks(sae, x):
         fires += (chunk > 0).sum(0)
-    needs_fit = not (config.tree_source == "native" or (config.tree_source == "auto" and common.is_hierarchical(sae)))
-    if needs_fit:
+    if common.uses_native_tree(sae, config.tree_source):
+        tree = common.native_tree(sae)
+    else:
         counts, co, _ = metrics.cooccurrence_counts(_chunks(sae, x))
         parent = metrics.posthoc_tree_from_counts(counts, co, config.posthoc_tau, config.posthoc_min_count).cpu()
         tree = common.Tree(parent, metrics.tree_levels(parent), "posthoc")
         del co
-    else:
-        tree = common.sae_tree(sae, None, config.tree_source)
 
     targets = list(config.latents) if config.latents is not None else _choose_latents(tree, fires, config.n_latents)
     for j in targets:

@@ -8,13 +8,9 @@ module merges the package's own `pretrained_hsaes.yaml` (plus any files named in
 environment variable `SAE_LENS_HIERARCHICAL_RELEASES`, separated by `os.pathsep`) into the
 cached dict that every SAELens consumer reads.
 
-Fragility, and what is done about it. The merged entries live in SAELens's cached dict, so
-`get_pretrained_saes_directory.cache_clear()` would drop them: the next call re-reads only
-SAELens's YAML. `register_releases()` therefore also replaces `get_pretrained_saes_directory`
-in the SAELens (and SAE-Bench) modules that imported it with a thin wrapper that calls the
-original, cached function and re-merges our entries when they are missing. The wrapper keeps
-`cache_clear` / `cache_info`, and modules imported later pick it up from its home module. A
-name collision with a SAELens release keeps SAELens's entry and warns once.
+The merged entries live in SAELens's cached dict; `patches.install_directory_wrapper` keeps
+them there across `cache_clear()` and in modules that imported the function by name. A name
+collision with a SAELens release keeps SAELens's entry and warns once.
 
 `publish(...)` uploads trained HSAEs with SAELens's `upload_saes_to_huggingface` (the layout
 `SAE.from_pretrained(repo_id, sae_id)` reads: one folder per SAE id holding cfg.json,
@@ -25,9 +21,7 @@ pass.
 
 from __future__ import annotations
 
-import functools
 import os
-import sys
 import warnings
 from collections.abc import Mapping
 from importlib.resources import files
@@ -35,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from sae_lens.loading import pretrained_saes_directory as _directory_module
 from sae_lens.loading.pretrained_saes_directory import PretrainedSAELookup
+
+from sae_lens_hierarchical.integrations import patches
 
 PACKAGED_DIRECTORY = "pretrained_hsaes.yaml"
 ENV_RELEASE_FILES = "SAE_LENS_HIERARCHICAL_RELEASES"
@@ -151,38 +145,6 @@ def _merge_into(directory: dict[str, PretrainedSAELookup]) -> None:
             )
 
 
-def _original_directory_fn() -> Any:
-    fn = _directory_module.get_pretrained_saes_directory
-    return getattr(fn, "_hsae_original", fn)
-
-
-@functools.lru_cache(maxsize=1)
-def _wrapper() -> Any:
-    original = _original_directory_fn()
-
-    @functools.wraps(original)
-    def get_pretrained_saes_directory() -> dict[str, PretrainedSAELookup]:
-        directory = original()
-        _merge_into(directory)
-        return directory
-
-    get_pretrained_saes_directory._hsae_original = original  # type: ignore[attr-defined]
-    get_pretrained_saes_directory.cache_clear = original.cache_clear  # type: ignore[attr-defined]
-    get_pretrained_saes_directory.cache_info = original.cache_info  # type: ignore[attr-defined]
-    return get_pretrained_saes_directory
-
-
-def _install_wrapper() -> None:
-    """Point every loaded SAELens / SAE-Bench module's `get_pretrained_saes_directory` at the wrapper."""
-    wrapper = _wrapper()
-    original = wrapper._hsae_original
-    for name, module in list(sys.modules.items()):
-        if module is None or not name.startswith(("sae_lens", "sae_bench")):
-            continue
-        if getattr(module, "__dict__", {}).get("get_pretrained_saes_directory") is original:
-            module.get_pretrained_saes_directory = wrapper
-
-
 def register_releases(*paths: str | Path) -> list[str]:
     """Merge the packaged releases, those of `SAE_LENS_HIERARCHICAL_RELEASES` and `paths`.
 
@@ -201,13 +163,13 @@ def register_releases(*paths: str | Path) -> list[str]:
     sources.extend(load_release_file(p) for p in paths)
     for releases in sources:
         add_releases(releases)
-    _install_wrapper()
+    patches.install_directory_wrapper(_merge_into)
     return sorted(_RELEASES)
 
 
 def add_releases(releases: Mapping[str, PretrainedSAELookup]) -> None:
     """Register already-parsed releases (replacing our own earlier entry of the same name)."""
-    directory = _original_directory_fn()()
+    directory = patches.original_directory()
     for name, lookup in releases.items():
         old = _RELEASES.get(name)
         if old is not None and directory.get(name) is old:
@@ -318,7 +280,7 @@ def publish(
     """
     from sae_lens import SAE
 
-    from sae_lens_hierarchical.hierarchical_sae import ARCHITECTURE
+    from sae_lens_hierarchical.config import ARCHITECTURE
 
     if not sae_dirs:
         raise ValueError("publish: no SAEs given")
@@ -357,5 +319,5 @@ def publish(
         write_release_entry(entry, release_file)
     if register:
         add_releases(parse_release_directory(entry, f"release entry {release!r}"))
-        _install_wrapper()
+        patches.install_directory_wrapper(_merge_into)
     return entry

@@ -1,0 +1,293 @@
+"""Every change this package makes to SAELens, SAE-Bench and their dependencies, in one place.
+
+Each patch is small, idempotent where it is applied at import, and says which upstream
+behaviour it works around. `apply_import_patches()` runs when the package is imported; the
+context managers run only for the duration of one call.
+
+| patch | where | why (upstream) |
+|---|---|---|
+| `TORCHVISION_AVAILABLE = False` | datasets | datasets 3.6 imports `torchvision.io.VideoReader`, which torchvision 0.26+ removed, whenever a dataset is torch-formatted (SAELens's ActivationsStore does): huggingface/datasets#8085, pytorch/vision#9373 |
+| `JAXTYPING_DISABLE=1` | jaxtyping | jaxtyping 0.3.11's runtime shape checks fail inside SAE-Bench's probe training on its own code path (no upstream issue found) |
+| clear loading errors | `sae_lens.loading.pretrained_sae_loaders` | SAELens reads cfg.json / safetensors without naming the file on failure (no upstream issue found) |
+| release directory merge | `get_pretrained_saes_directory` | SAELens has no public way to add releases (its directory is one packaged YAML; see decoderesearch/SAELens#433 for the converter route, which does not cover release ids) |
+| finer training progress | `MultiSAETrainer._update_pbar` | the multi-SAE bar refreshes every 100 steps, which on a short CPU run shows nothing |
+| quiet known warnings | `warnings` filters | SAELens's ActivationsStore compares dataset *rows* with training *tokens* and warns about "fewer samples" on every in-memory dataset; `torch.tensor(tensor)` copies inside SAE-Bench's core eval warn "To copy construct from a tensor". Neither is a problem with the user's run (no upstream issues found) |
+| `provided_model` | SAE-Bench eval modules | SAE-Bench's `run_eval`s load their model by name (`HookedTransformer.from_pretrained_no_processing`); offline and in-memory models need to be handed in (cf. adamkarvonen/SAEBench PR #8's plan for `run_eval_single_sae`) |
+| `absorption_artifacts` | SAE-Bench absorption | absorption writes its probes into the installed package (`sae_bench/artifacts`) |
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+_WRAPPED = "_hsae_wrapped"
+
+# Exactly these messages are silenced (regular expressions matched at the message start).
+QUIET_WARNINGS = (
+    # SAELens ActivationsStore: `len(dataset)` (rows) < `total_training_tokens` (tokens).
+    r"The training dataset contains fewer samples",
+    # torch, from `torch.tensor(t)` on a tensor inside SAE-Bench's core eval.
+    r"To copy construct from a tensor",
+)
+
+
+def apply_import_patches() -> None:
+    """The patches that apply for the whole process: environment, loading errors, warnings."""
+    _environment()
+    _quiet_known_warnings()
+    _install_loading_errors()
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment
+
+
+def _environment() -> None:
+    user_set = "JAXTYPING_DISABLE" in os.environ
+    os.environ.setdefault("JAXTYPING_DISABLE", "1")
+    if not user_set and "jaxtyping" in sys.modules:
+        # jaxtyping reads the variable at import; its pytest plugin may have imported it already.
+        sys.modules["jaxtyping"].config.update("jaxtyping_disable", True)
+    try:
+        import datasets.config
+    except ImportError:  # a dependency; guarded only for partial installs
+        return
+    datasets.config.TORCHVISION_AVAILABLE = False
+
+
+def _quiet_known_warnings() -> None:
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading errors that name the file and field
+
+
+def _check_cfg(cfg_dict: Any, cfg_path: Path) -> None:
+    import dataclasses
+
+    from sae_lens_hierarchical.config import ARCHITECTURE, HierarchicalSAEConfig, HierarchicalTrainingSAEConfig
+    from sae_lens_hierarchical.state_io import HierarchicalSAELoadError
+
+    if not isinstance(cfg_dict, dict):
+        return
+    arch = cfg_dict.get("architecture")
+    if not isinstance(arch, str) or not arch.startswith(ARCHITECTURE):
+        return
+    if arch != ARCHITECTURE:
+        from sae_lens.registry import SAE_CLASS_REGISTRY
+
+        if arch not in SAE_CLASS_REGISTRY:
+            raise HierarchicalSAELoadError(
+                f"{cfg_path}: architecture={arch!r} is not a registered SAELens architecture "
+                f"(this sae_lens_hierarchical provides {ARCHITECTURE!r}); the SAE was saved by "
+                "another version of the plugin"
+            )
+        return
+    training_only = {f.name for f in dataclasses.fields(HierarchicalTrainingSAEConfig)} - {
+        f.name for f in dataclasses.fields(HierarchicalSAEConfig)}
+    cls = HierarchicalTrainingSAEConfig if training_only & set(cfg_dict) else HierarchicalSAEConfig
+    try:
+        cls.from_dict(dict(cfg_dict))
+    except (ValueError, TypeError, KeyError) as e:
+        raise HierarchicalSAELoadError(f"{cfg_path}: {e}") from e
+
+
+def _wrap_config_reader(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def get_sae_lens_config_from_disk(path: str | Path, device: str | None = None,
+                                      cfg_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        cfg_path = Path(path) / "cfg.json"
+        try:
+            cfg_dict = original(path, device, cfg_overrides)
+        except json.JSONDecodeError as e:
+            raise json.JSONDecodeError(f"{cfg_path} is not valid JSON: {e.msg}", e.doc, e.pos) from e
+        _check_cfg(cfg_dict, cfg_path)
+        return cfg_dict
+
+    setattr(get_sae_lens_config_from_disk, _WRAPPED, original)
+    return get_sae_lens_config_from_disk
+
+
+def _wrap_weights_reader(original: Callable[..., Any]) -> Callable[..., Any]:
+    from sae_lens_hierarchical.config import ARCHITECTURE
+    from sae_lens_hierarchical.state_io import HierarchicalSAELoadError
+
+    @functools.wraps(original)
+    def read_sae_components_from_disk(cfg_dict: dict[str, Any], weight_path: str | Path,
+                                      *args: Any, **kwargs: Any) -> Any:
+        if cfg_dict.get("architecture") != ARCHITECTURE:
+            return original(cfg_dict, weight_path, *args, **kwargs)
+        path = Path(weight_path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing: a hierarchical SAE directory holds cfg.json and "
+                "sae_weights.safetensors (SAELens's format)"
+            )
+        try:
+            return original(cfg_dict, weight_path, *args, **kwargs)
+        except Exception as e:
+            if type(e).__name__ != "SafetensorError" and not isinstance(e, OSError):
+                raise
+            raise HierarchicalSAELoadError(
+                f"{path} cannot be read ({type(e).__name__}: {e}); the file is truncated or "
+                "corrupted: save or download it again"
+            ) from e
+
+    setattr(read_sae_components_from_disk, _WRAPPED, original)
+    return read_sae_components_from_disk
+
+
+def _install_loading_errors() -> None:
+    """Wrap SAELens's cfg.json and safetensors readers once (every loading entry point,
+    `SAE.load_from_disk`, `TrainingSAE.load_from_disk` and `SAE.from_pretrained`, goes through
+    these two module-level functions). Other architectures pass through untouched; weights that
+    do not fit cfg.json are caught by the SAE classes themselves (`state_io.check_loaded_state`)."""
+    from sae_lens.loading import pretrained_sae_loaders as loaders
+
+    for name, wrap in (("get_sae_lens_config_from_disk", _wrap_config_reader),
+                       ("read_sae_components_from_disk", _wrap_weights_reader)):
+        current = getattr(loaders, name, None)
+        if current is None or hasattr(current, _WRAPPED):
+            continue  # a future SAELens renamed it (its own messages then apply), or done already
+        setattr(loaders, name, wrap(current))
+
+
+# ----------------------------------------------------------------------------------------------
+# The release directory
+
+
+def install_directory_wrapper(merge: Callable[[dict[str, Any]], None]) -> None:
+    """Make every SAELens / SAE-Bench module's `get_pretrained_saes_directory` call `merge` on the
+    directory it returns.
+
+    SAELens's function is `functools.cache`d, so merged entries live in its cached dict and a
+    `cache_clear()` would drop them; the wrapper re-merges on every call (`merge` must be
+    idempotent) and keeps `cache_clear` / `cache_info`. Modules that imported the function by
+    name get the wrapper too; modules imported later read it from its home module.
+    """
+    from sae_lens.loading import pretrained_saes_directory as home
+
+    current = home.get_pretrained_saes_directory
+    original = getattr(current, "_hsae_original", current)
+    if getattr(current, "_hsae_merge", None) is not merge:
+
+        @functools.wraps(original)
+        def get_pretrained_saes_directory() -> dict[str, Any]:
+            directory = original()
+            merge(directory)
+            return directory
+
+        wrapper: Any = get_pretrained_saes_directory
+        wrapper._hsae_original = original
+        wrapper._hsae_merge = merge
+        wrapper.cache_clear = original.cache_clear
+        wrapper.cache_info = original.cache_info
+        home.get_pretrained_saes_directory = wrapper
+    wrapper = home.get_pretrained_saes_directory
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith(("sae_lens", "sae_bench")):
+            continue
+        if getattr(module, "__dict__", {}).get("get_pretrained_saes_directory") in (original, current):
+            module.get_pretrained_saes_directory = wrapper  # type: ignore[attr-defined]
+
+
+def original_directory() -> dict[str, Any]:
+    """SAELens's own (cached) directory dict, without going through the wrapper."""
+    from sae_lens.loading import pretrained_saes_directory as home
+
+    fn = home.get_pretrained_saes_directory
+    return getattr(fn, "_hsae_original", fn)()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training progress
+
+
+@contextlib.contextmanager
+def finer_progress(every_steps: int) -> Iterator[None]:
+    """Refresh SAELens's multi-SAE training bar every `every_steps` steps (its default is 100).
+    Restored on exit; a no-op if SAELens renames the method."""
+    try:
+        from sae_lens.training.multi_sae_trainer import MultiSAETrainer
+    except ImportError:
+        yield
+        return
+    original = getattr(MultiSAETrainer, "_update_pbar", None)
+    if original is None:
+        yield
+        return
+
+    def update(self: Any, step_outputs: Any, pbar: Any, update_interval: int = 100) -> None:  # noqa: ARG001
+        original(self, step_outputs, pbar, update_interval=every_steps)
+
+    MultiSAETrainer._update_pbar = update  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        MultiSAETrainer._update_pbar = original  # type: ignore[method-assign]
+
+
+# ----------------------------------------------------------------------------------------------
+# SAE-Bench
+
+
+@contextlib.contextmanager
+def provided_model(module: Any, model: Any) -> Iterator[None]:
+    """Make `module.HookedTransformer.from_pretrained_no_processing(...)` return `model`.
+
+    SAE-Bench's run_eval functions load their model through this module-level name; inside the
+    block they get `model` (moved to the requested device and dtype) instead, whatever name
+    they ask for. The module is restored on exit.
+    """
+    import torch
+
+    original = module.HookedTransformer
+
+    class _Provided:
+        @staticmethod
+        def from_pretrained_no_processing(name: str, device: Any = None, dtype: Any = None, **_: Any) -> Any:  # noqa: ARG004
+            current = next(model.parameters())
+            out = model
+            if device is not None and torch.device(device) != current.device:
+                out = out.to(device)
+            if dtype is not None and dtype != current.dtype:
+                out = out.to(dtype)
+            return out
+
+        from_pretrained = from_pretrained_no_processing
+
+    module.HookedTransformer = _Provided
+    try:
+        yield
+    finally:
+        module.HookedTransformer = original
+
+
+@contextlib.contextmanager
+def absorption_artifacts(artifacts_path: str) -> Iterator[None]:
+    """Point SAE-Bench absorption's probe and experiment folders at `artifacts_path/absorption`."""
+    from sae_bench.evals.absorption import main as ab
+
+    root = os.path.join(artifacts_path, "absorption")
+    k_dir, fa_dir, probes = (os.path.join(root, d) for d in ("k_sparse_probing", "feature_absorption", "probes"))
+    originals = (ab.run_k_sparse_probing_experiment, ab.run_feature_absortion_experiment)
+    ab.run_k_sparse_probing_experiment = functools.partial(  # type: ignore[assignment]
+        originals[0], experiment_dir=k_dir, probes_dir=probes
+    )
+    ab.run_feature_absortion_experiment = functools.partial(  # type: ignore[assignment]
+        originals[1], experiment_dir=fa_dir, sparse_probing_experiment_dir=k_dir, probes_dir=probes
+    )
+    try:
+        yield
+    finally:
+        ab.run_k_sparse_probing_experiment, ab.run_feature_absortion_experiment = originals

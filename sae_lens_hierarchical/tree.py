@@ -1,0 +1,156 @@
+"""The tree: each latent's parent one level up, how it is learned, and the parent gate.
+
+A tree is a LongTensor `parent[d_sae]`: -1 for roots (level 0) and for latents outside the
+tree (a deeper latent that co-fires with no parent often enough), else the index of a latent
+in the level above. Levels are contiguous slices of the latent axis, roots first.
+
+* `fixed_parents`: the seed design's layout, children contiguous, w_l / w_{l-1} per parent.
+* `CoFiring` + `learned_parents`: the learned tree. Over a window of training steps, count how
+  often each latent fires together with each latent one level up; each latent then takes the
+  parent it co-fires with most, P(parent on | latent on), and keeps none when even that is below
+  `min_cofire`. Branching is uneven: a parent keeps whatever children choose it.
+* `gate`: zero every latent whose parent is off, level by level (the hard gate).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def level_of_latents(level_widths: Sequence[int]) -> torch.Tensor:
+    """LongTensor [d_sae]: the level of each latent."""
+    return torch.repeat_interleave(torch.arange(len(level_widths)), torch.tensor(list(level_widths)))
+
+
+def _starts(level_widths: Sequence[int]) -> list[int]:
+    out = [0]
+    for w in level_widths[:-1]:
+        out.append(out[-1] + w)
+    return out
+
+
+def fixed_parents(level_widths: Sequence[int]) -> torch.Tensor:
+    """The contiguous layout: latent i of level l has parent i // b_l of level l-1."""
+    starts = _starts(level_widths)
+    parts = [torch.full((level_widths[0],), -1, dtype=torch.long)]
+    for level in range(1, len(level_widths)):
+        b = level_widths[level] // level_widths[level - 1]
+        parts.append(starts[level - 1] + torch.arange(level_widths[level]) // b)
+    return torch.cat(parts)
+
+
+def no_parents(level_widths: Sequence[int]) -> torch.Tensor:
+    """Every latent outside the tree: where a learned tree starts before its first assignment."""
+    return torch.full((sum(level_widths),), -1, dtype=torch.long)
+
+
+class CoFiring:
+    """Co-firing counts of each latent with every latent one level up, over a window of steps."""
+
+    def __init__(self, level_widths: Sequence[int]):
+        self.level_widths = list(level_widths)
+        self.starts = _starts(self.level_widths)
+        self.reset()
+
+    def reset(self) -> None:
+        # per child level l >= 1: co[l] [n_l, n_{l-1}], fired[l] [n_l]
+        self.co: dict[int, torch.Tensor] = {}
+        self.fired: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def add(self, acts: torch.Tensor) -> None:
+        """Count one batch of activations [..., d_sae] (on = act > 0)."""
+        on = (acts.reshape(-1, acts.shape[-1]) > 0).to(acts.dtype if acts.is_floating_point() else torch.float)
+        for level in range(1, len(self.level_widths)):
+            child = on[:, self.starts[level]: self.starts[level] + self.level_widths[level]]
+            parent = on[:, self.starts[level - 1]: self.starts[level - 1] + self.level_widths[level - 1]]
+            co, fired = child.T @ parent, child.sum(0)
+            if level in self.co:
+                self.co[level] += co.to(self.co[level])
+                self.fired[level] += fired.to(self.fired[level])
+            else:
+                self.co[level], self.fired[level] = co.double(), fired.double()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The counts as named tensors (for a training checkpoint)."""
+        out = {}
+        for level in self.co:
+            out[f"co_l{level}"] = self.co[level]
+            out[f"fired_l{level}"] = self.fired[level]
+        return out
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        self.reset()
+        for name, value in state.items():
+            kind, level = name.rsplit("_l", 1)
+            (self.co if kind == "co" else self.fired)[int(level)] = value.double()
+
+
+@torch.no_grad()
+def learned_parents(counts: CoFiring, current: torch.Tensor, min_cofire: float) -> torch.Tensor:
+    """Each latent's new parent: the latent one level up with the highest P(parent on | latent
+    on) in `counts`, none (-1) when that is below `min_cofire`; latents that never fired in the
+    window keep their `current` parent."""
+    parent = current.clone()
+    for level, co in counts.co.items():
+        fired = counts.fired[level]
+        start, n = counts.starts[level], counts.level_widths[level]
+        p_parent = co / fired.clamp(min=1).unsqueeze(-1)
+        best, arg = p_parent.max(-1)
+        new = torch.where(best >= min_cofire, arg + counts.starts[level - 1], torch.full_like(arg, -1))
+        parent[start: start + n] = torch.where(fired > 0, new.to(parent), current[start: start + n])
+    return parent
+
+
+def gate(acts: torch.Tensor, parent: torch.Tensor, level_widths: Sequence[int]) -> torch.Tensor:
+    """Zero every latent whose parent is off, level by level from the roots (so a latent whose
+    grandparent is off goes too). Latents without a parent are never gated. acts [..., d_sae]."""
+    starts = _starts(level_widths)
+    levels = list(acts.split(list(level_widths), dim=-1))
+    for level in range(1, len(level_widths)):
+        par = parent[starts[level]: starts[level] + level_widths[level]]
+        above = levels[level - 1]
+        on = torch.cat([above > 0, above.new_ones(*above.shape[:-1], 1, dtype=torch.bool)], dim=-1)
+        local = torch.where(par >= 0, par - starts[level - 1], above.shape[-1])  # no parent -> "on"
+        levels[level] = levels[level] * on[..., local]
+    return torch.cat(levels, dim=-1)
+
+
+def children_of(parent: torch.Tensor, j: int) -> list[int]:
+    """The latents whose parent is j."""
+    return (parent == j).nonzero().flatten().tolist()
+
+
+def path_to(parent: torch.Tensor, j: int) -> list[int]:
+    """Latents from the root of j's tree down to j (inclusive)."""
+    parents = parent.tolist()
+    out = [int(j)]
+    while parents[out[-1]] >= 0:
+        out.append(parents[out[-1]])
+    return out[::-1]
+
+
+def tree_levels(parent_index: torch.Tensor) -> torch.Tensor:
+    """Depth of every node (roots 0) by pointer doubling, so O(d_sae log depth) work.
+
+    parent_index: Long[d_sae], -1 for roots.
+    Returns Long[d_sae]. Raises ValueError on out-of-range parents or cycles.
+    """
+    p = parent_index.long()
+    d = p.numel()
+    if d and ((p < -1) | (p >= d)).any():
+        raise ValueError("parent_index entries must be -1 or a valid latent index")
+    # Invariant: anc[i] is the ancestor depth[i] edges above i, or -1 once depth[i] is i's full depth.
+    anc = p.clone()
+    depth = (p >= 0).long()
+    for _ in range(max(d, 1).bit_length() + 1):
+        has = anc >= 0
+        if not has.any():
+            return depth
+        a = anc.clamp(min=0)
+        depth, anc = torch.where(has, depth + depth[a], depth), torch.where(has, anc[a], anc)
+    if (anc >= 0).any():  # after log2(d)+1 doublings only nodes on or under a cycle still have ancestors
+        raise ValueError("parent_index contains a cycle")
+    return depth

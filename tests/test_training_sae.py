@@ -1,0 +1,192 @@
+"""The training step: the shared budget, Matryoshka prefixes, the consistency losses, the
+learned thresholds, the learned tree's schedule, the gate and per-level budgets (ablations)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from builders import D_SAE, DESIGNS, K, WIDTHS, inputs, step, training_sae, warm_up
+
+import sae_lens_hierarchical as h
+
+PREFIXES = ["inner_mse_loss_4", "inner_mse_loss_20"]
+
+
+def _violations(acts: torch.Tensor, parent: torch.Tensor) -> int:
+    has_parent = parent >= 0
+    parent_acts = acts[..., parent.clamp(min=0)]
+    return int(((acts > 0) & (parent_acts <= 0) & has_parent).sum())
+
+
+@pytest.mark.parametrize("design", list(DESIGNS))
+def test_every_loss_term_is_named_and_sums_to_the_loss(design):
+    sae = training_sae(design, kl_coefficient=0.5, l2_coefficient=0.25, level_recon_weights=[0.5, 0.7, 1.3])
+    warm_up(sae, 12)  # past tree_every, so a learned tree has edges
+    assert (sae.parent_index >= 0).any()
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[-10:] = True
+    out = step(sae, inputs(128) * 3, dead)
+    assert set(out.losses) == {"mse_loss", *PREFIXES, "kl_consistency_loss", "l2_consistency_loss",
+                               "auxiliary_reconstruction_loss"}
+    assert all(v.item() > 0 for v in out.losses.values()), {k: v.item() for k, v in out.losses.items()}
+    torch.testing.assert_close(out.loss, sum(out.losses.values()))
+    assert {"l0_level_0", "l0_level_1", "l0_level_2", "tree_edges"} <= set(out.metrics)
+
+
+def test_prefix_losses_are_the_weighted_prefix_reconstructions_and_train_the_roots():
+    sae = training_sae("fixed", level_recon_weights=[0.5, 0.7, 1.3])
+    warm_up(sae, 3)
+    x = inputs(128)
+    out = step(sae, x)
+    unit = sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True)  # rescale_acts_by_decoder_norm
+    roots_only = sae.b_dec + out.feature_acts[:, :4] @ unit[:4]
+    torch.testing.assert_close(out.losses["inner_mse_loss_4"], 0.5 * (roots_only - x).pow(2).sum(-1).mean())
+    # The prefix term must carry gradient into the roots (a detached prefix loss has the right
+    # value and trains nothing).
+    sae.zero_grad()
+    out.losses["inner_mse_loss_4"].backward()
+    assert sae.W_dec.grad[:4].abs().sum() > 0
+    assert sae.W_dec.grad[4:].abs().sum() == 0  # the roots-only prefix touches only the roots
+
+
+def test_one_shared_budget_keeps_k_per_token_and_learns_its_split():
+    sae = training_sae("learned")
+    x = inputs(512) * 3
+    acts = step(sae, x).feature_acts
+    assert (acts > 0).sum().item() == int(K * 512)  # BatchTopK over every latent
+    per_level = [(acts[:, sl] > 0).sum().item() for sl in sae.level_slices]
+    assert sum(per_level) == int(K * 512) and all(n > 0 for n in per_level)
+
+
+def test_per_level_budgets_keep_each_levels_k():
+    sae = training_sae("per_level")
+    acts = step(sae, inputs(512) * 3).feature_acts
+    for k, sl in zip(sae.cfg.k_per_level, sae.level_slices, strict=True):
+        assert (acts[:, sl] > 0).sum().item() == int(k * 512)
+
+
+@pytest.mark.parametrize("design", ["learned", "per_level"])
+def test_threshold_moves_to_the_smallest_kept_activation(design):
+    sae = training_sae(design, topk_threshold_lr=1.0)  # rate 1: the threshold IS this step's target
+    out = step(sae, inputs(256) * 3)
+    acts = out.feature_acts.detach()
+    if design == "learned":
+        want = [acts[acts > 0].min().item()] * 3
+    else:
+        want = [acts[:, sl][acts[:, sl] > 0].min().item() for sl in sae.level_slices]
+    torch.testing.assert_close(sae.topk_threshold.float(), torch.tensor(want), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("design", ["learned", "per_level"])
+def test_inference_with_the_learned_thresholds_keeps_about_k_active(design, tmp_path):
+    """The learned threshold must track the smallest kept activation: tracking e.g. the mean
+    would more than halve inference L0."""
+    from sae_lens import SAE
+
+    sae = training_sae(design, topk_threshold_lr=0.2)
+    g = torch.Generator().manual_seed(5)
+    data = torch.randn(4096, sae.cfg.d_in, generator=g) * 3
+    opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    for i in range(60):
+        out = step(sae, data[(i % 8) * 512:(i % 8 + 1) * 512], logging=False)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    sae.save_inference_model(tmp_path)
+    acts = SAE.load_from_disk(tmp_path).encode(data)
+    l0 = (acts > 0).sum(-1).float().mean().item()
+    assert 0.7 * K < l0 < 1.5 * K, l0
+    if design == "per_level":
+        for k, sl in zip(sae.cfg.k_per_level, sae.level_slices, strict=True):
+            level_l0 = (acts[:, sl] > 0).sum(-1).float().mean().item()
+            assert 0.5 * k < level_l0 < 1.8 * k, (k, level_l0)
+
+
+def test_the_learned_tree_is_reassigned_every_tree_every_steps():
+    sae = training_sae("learned", tree_every=5)
+    x = inputs(256) * 3
+    for _ in range(5):
+        step(sae, x)
+        assert not (sae.parent_index >= 0).any()  # nothing before the first window closes
+    step(sae, x)  # step 6: re-assigned from steps 1-5
+    assert (sae.parent_index >= 0).sum() > 0
+    assert sae.schedule.steps_done == 6
+    # each assigned parent is one level up
+    for level, sl in enumerate(sae.level_slices[1:], start=1):
+        par = sae.parent_index[sl]
+        above = sae.level_slices[level - 1]
+        assert ((par == -1) | ((par >= above.start) & (par < above.stop))).all()
+
+
+def test_eval_mode_steps_do_not_advance_the_schedule():
+    sae = training_sae("learned")
+    sae.eval()
+    step(sae, inputs(64))
+    assert sae.schedule.steps_done == 0 and not sae.schedule.counts.co
+
+
+@pytest.mark.parametrize("design", ["gated"])
+def test_the_hard_gate_never_lets_a_child_fire_without_its_parent(design, tmp_path):
+    from sae_lens import SAE
+
+    sae = training_sae(design)
+    warm_up(sae)
+    x = inputs(1024) * 3
+    acts = step(sae, x).feature_acts
+    assert (acts[:, 4:] > 0).sum() > 0  # children do fire: not vacuous
+    assert _violations(acts, sae.parent_index) == 0
+    sae.save_inference_model(tmp_path)
+    inf = SAE.load_from_disk(tmp_path)
+    inf_acts = inf.encode(x)
+    assert (inf_acts[:, 4:] > 0).sum() > 0
+    assert _violations(inf_acts, inf.parent_index) == 0
+    # without the gate the same SAE's children would fire without their parents
+    ungated = training_sae("fixed")
+    warm_up(ungated)
+    assert _violations(step(ungated, x).feature_acts, ungated.parent_index) > 0
+
+
+def test_aux_loss_uses_the_dead_latent_mask():
+    sae = training_sae("fixed")
+    x = inputs(64)
+    assert step(sae, x, None).losses["auxiliary_reconstruction_loss"].item() == 0.0
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[30:40] = True
+    out = step(sae, x, dead)
+    assert out.losses["auxiliary_reconstruction_loss"].item() > 0
+    out.losses["auxiliary_reconstruction_loss"].backward()
+    assert sae.b_enc.grad[30:40].abs().sum() > 0 and sae.b_enc.grad[:30].abs().sum() == 0
+
+
+def test_a_hook_that_edits_training_activations_reaches_the_loss():
+    sae = training_sae("fixed")
+    x = inputs(64)
+    plain = step(sae, x).losses
+    sae.hook_sae_acts_post.add_hook(lambda acts, hook: acts * 0.0)
+    try:
+        zeroed = step(sae, x)
+    finally:
+        sae.hook_sae_acts_post.remove_hooks()
+    assert float(zeroed.feature_acts.detach().abs().sum()) == 0.0
+    want = (sae.b_dec - x).pow(2).sum(-1).mean()  # nothing active: b_dec alone, at every prefix
+    torch.testing.assert_close(zeroed.losses["mse_loss"], want)
+    torch.testing.assert_close(zeroed.losses["inner_mse_loss_4"], want)
+    assert plain["mse_loss"].item() < want.item()
+
+
+def test_non_finite_inputs_stop_training_before_the_weights_change():
+    sae = training_sae("fixed")
+    x = inputs(32)
+    x[3, 2] = float("nan")
+    before = sae.W_dec.detach().clone()
+    with pytest.raises(h.NonFiniteTrainingError, match="1 NaN"):
+        step(sae, x)
+    assert torch.equal(sae.W_dec.detach(), before)
+
+
+def test_widths_need_not_divide():
+    sae = h.HierarchicalTrainingSAE(h.HierarchicalTrainingSAEConfig(d_in=16, d_sae=100, level_widths=[10, 30, 60],
+                                                                    k=5, tree_every=3))
+    warm_up(sae, 8)
+    assert (sae.parent_index >= 0).any()
+    assert WIDTHS  # (builders import kept for the shared constants)

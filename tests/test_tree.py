@@ -1,0 +1,87 @@
+"""The tree: the fixed layout, learning parents from co-firing, the gate, accessors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from builders import D_SAE, WIDTHS, training_sae
+
+from sae_lens_hierarchical.tree import (
+    CoFiring,
+    fixed_parents,
+    gate,
+    learned_parents,
+    no_parents,
+    tree_levels,
+)
+
+
+def test_fixed_layout_and_accessors():
+    sae = training_sae("fixed")
+    pi = sae.parent_index
+    assert pi.dtype == torch.long and pi.shape == (D_SAE,)
+    assert torch.equal(pi, fixed_parents(WIDTHS))
+    assert pi[:4].tolist() == [-1] * 4
+    assert pi[4:8].tolist() == [0] * 4 and pi[8:12].tolist() == [1] * 4
+    assert pi[20].item() == 4 and pi[D_SAE - 1].item() == 19
+    assert sae.level_slices == [slice(0, 4), slice(4, 20), slice(20, 84)]
+    assert sae.children(1) == [8, 9, 10, 11]
+    assert sae.children(83) == []
+    assert sae.path(83) == [3, 19, 83]
+    assert sae.latent_levels.bincount().tolist() == WIDTHS
+    assert not sae.outside_tree.any()
+    # children() without an index is still nn.Module.children(), which torch relies on.
+    assert all(isinstance(m, torch.nn.Module) for m in sae.children())
+    with pytest.raises(IndexError):
+        sae.children(D_SAE)
+
+
+def test_a_learned_tree_starts_with_every_latent_outside_it():
+    sae = training_sae("learned")
+    assert torch.equal(sae.parent_index, no_parents(WIDTHS))
+    assert sae.outside_tree.sum() == D_SAE - WIDTHS[0]
+
+
+def test_learned_parents_follow_co_firing_and_a_weak_best_parent_is_none():
+    widths = [2, 4]
+    counts = CoFiring(widths)
+    on = torch.zeros(100, 6)
+    on[:50, 0] = 1          # parent 0 fires on the first half
+    on[50:, 1] = 1          # parent 1 on the second
+    on[:40, 2] = 1          # child 2 inside parent 0's tokens
+    on[60:90, 3] = 1        # child 3 inside parent 1's
+    on[45:55, 4] = 1        # child 4 straddles: P(p0|c)=0.5, P(p1|c)=0.5
+    on[0:1, 5] = 0          # child 5 never fires
+    counts.add(on)
+    current = torch.tensor([-1, -1, -1, -1, -1, 1])
+    parent = learned_parents(counts, current, min_cofire=0.6)
+    assert parent.tolist() == [-1, -1, 0, 1, -1, 1]  # 4: best only 0.5 < 0.6; 5: never fired, kept
+    assert learned_parents(counts, current, min_cofire=0.4)[4].item() in (0, 1)
+
+
+def test_co_firing_counts_survive_a_state_round_trip():
+    counts = CoFiring(WIDTHS)
+    counts.add((torch.rand(64, D_SAE) > 0.8).float())
+    again = CoFiring(WIDTHS)
+    again.load({k: v.clone() for k, v in counts.state().items()})
+    for level in counts.co:
+        assert torch.equal(again.co[level], counts.co[level])
+        assert torch.equal(again.fired[level], counts.fired[level])
+
+
+def test_gate_zeroes_children_of_inactive_parents_level_by_level():
+    parent = fixed_parents([2, 4, 8])
+    acts = torch.ones(1, 14)
+    acts[0, 0] = 0  # root 0 off: its children 2, 3 and their children 6..9 go
+    out = gate(acts, parent, [2, 4, 8])
+    assert out[0].tolist() == [0, 1, 0, 0, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1]
+    # a latent outside the tree is never gated
+    loose = parent.clone()
+    loose[2] = -1
+    assert gate(acts, loose, [2, 4, 8])[0, 2] == 1
+
+
+def test_tree_levels_and_cycles():
+    assert tree_levels(fixed_parents(WIDTHS)).bincount().tolist() == WIDTHS
+    with pytest.raises(ValueError, match="cycle"):
+        tree_levels(torch.tensor([1, 0]))
