@@ -37,8 +37,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import sae_lens_hierarchical  # noqa: F401  (registers the architecture)
 from sae_lens_hierarchical import cli_args, pipeline, reporting
 

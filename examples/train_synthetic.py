@@ -25,8 +25,6 @@ from pathlib import Path
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch
-
-import sae_lens_hierarchical  # noqa: F401  (registers the "hierarchical" architecture)
 from sae_lens import LoggingConfig
 from sae_lens.synthetic import (
     HierarchyConfig,
@@ -35,6 +33,8 @@ from sae_lens.synthetic import (
     ZipfianFiringProbabilityConfig,
 )
 from sae_lens.synthetic.synthetic_sae_runner import SyntheticSAERunner, SyntheticSAERunnerConfig
+
+import sae_lens_hierarchical  # noqa: F401  (registers the "hierarchical" architecture)
 from sae_lens_hierarchical import HierarchicalTrainingSAEConfig
 from sae_lens_hierarchical.metrics import parent_index_from_hierarchy, per_level_mcc, tree_levels
 

@@ -33,15 +33,15 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch
 from datasets import Dataset
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-import sae_lens_hierarchical  # noqa: F401  (registers "hierarchical"; works around a datasets bug)
 from sae_lens import (
     SAE,
     LanguageModelSAERunnerConfig,
     LanguageModelSAETrainingRunner,
     LoggingConfig,
 )
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+import sae_lens_hierarchical  # noqa: F401  (registers "hierarchical"; works around a datasets bug)
 from sae_lens_hierarchical import HierarchicalTrainingSAEConfig
 
 # SAELens's runner loads models with these kwargs by default and records them in the SAE's

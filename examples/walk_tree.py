@@ -30,9 +30,9 @@ from pathlib import Path
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch
+from sae_lens import SAE, LoggingConfig
 
 import sae_lens_hierarchical  # noqa: F401  (registers the "hierarchical" architecture)
-from sae_lens import SAE, LoggingConfig
 
 LEVEL_NAMES = ["root", "child", "grandchild"]
 

@@ -157,7 +157,7 @@ def _load(path: str | Path, overrides: list[str] | None = None) -> tuple[Any, in
         cfg = runner_cls.from_dict(raw)
     except (TypeError, ValueError, KeyError) as e:
         raise ConfigError(f"{path}: invalid value: {e}") from None
-    return cfg, (seed if synthetic else cfg.seed)
+    return cfg, int(seed if synthetic else cfg.seed)  # type: ignore[union-attr]
 
 
 def _offline_overrides(cfg: Any) -> dict[str, Any]:
@@ -183,7 +183,7 @@ def _offline_overrides(cfg: Any) -> dict[str, Any]:
         out: dict[str, Any] = {"override_model": model}
         if cfg.dataset_path in models.OFFLINE_TEXTS:
             texts = models.load_text(cfg.dataset_path)
-            out["override_dataset"] = models.tokenized_dataset(model, texts, cfg.context_size)
+            out["override_dataset"] = models.tokenized_dataset(model, texts, cfg.context_size)  # type: ignore[arg-type]
     except (models.OfflineModelPackageMissing, ImportError) as e:
         raise ConfigError(str(e)) from None
     return out
@@ -202,7 +202,7 @@ def train(path: str | Path, overrides: list[str] | None = None) -> tuple[Any, st
         if isinstance(cfg, LanguageModelSAERunnerConfig):
             runner = LanguageModelSAETrainingRunner(cfg, **_offline_overrides(cfg))
             if cfg.resume_from_checkpoint is None:  # (a resumed run loads its b_dec)
-                stats = pipeline.mean_activation(runner.model, runner.activations_store.dataset,
+                stats = pipeline.mean_activation(runner.model, runner.activations_store.dataset,  # type: ignore[arg-type]
                                                  cfg.hook_name, cfg.context_size)
                 pipeline.start_b_dec_at_mean({"sae": runner.sae}, stats)
             return runner.run(), cfg.output_path

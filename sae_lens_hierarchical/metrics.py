@@ -93,17 +93,19 @@ def cooccurrence_counts(
     at 32k. Counts are exact integers in float32 up to 2**24 (~16.7M) tokens.
     """
     device = _default_device(acts, device)
-    counts, co, n = None, None, 0
+    counts: Tensor | None = None
+    co: Tensor | None = None
+    n = 0
     for on in _on_chunks(acts, chunk_size, device):
         f = on.float()
-        if co is None:
+        if co is None or counts is None:
             d = on.shape[1]
             co = torch.zeros(d, d, device=f.device)
             counts = torch.zeros(d, dtype=torch.long, device=f.device)
         co.addmm_(f.T, f)  # 0/1 products accumulate exactly in fp32 (also under TF32)
         counts += on.sum(0)
         n += on.shape[0]
-    if co is None:
+    if co is None or counts is None:
         raise ValueError("cooccurrence_counts got no tokens")
     return counts, co, n
 

@@ -292,7 +292,7 @@ def hooked_from_hf(
 
     spec = _spec(name)
     prepend_bos = spec.default_prepend_bos if default_prepend_bos is None else default_prepend_bos
-    processing = dict(
+    processing: dict[str, Any] = dict(
         fold_ln=fold_ln,
         center_writing_weights=center_writing_weights,
         center_unembed=center_unembed,
@@ -308,9 +308,9 @@ def hooked_from_hf(
             hf_model=hf_model,
             tokenizer=tokenizer,
             device="cpu",
-            dtype=torch.float32,
+            dtype=torch.float32,  # type: ignore[arg-type]  (TransformerLens takes a torch dtype too)
             n_ctx=n_ctx,
-            default_prepend_bos=prepend_bos,
+            default_prepend_bos=prepend_bos,  # type: ignore[arg-type]  (a bool, whatever the stub says)
             **processing,
         )
     else:
@@ -409,7 +409,7 @@ def load_model(
     if source == "hub" or (source == "auto" and canonical is None):
         from transformer_lens import HookedTransformer
 
-        return HookedTransformer.from_pretrained(name, device=device, dtype=dtype, **kwargs)
+        return HookedTransformer.from_pretrained(name, device=device, dtype=dtype, **kwargs)  # type: ignore[arg-type]
     if canonical is None:
         raise ValueError(
             f"source='gguf' but {name!r} is not an offline model; known: {sorted(OFFLINE_MODELS)}"
@@ -423,7 +423,7 @@ def load_model(
         return _MODEL_CACHE[key]
 
     hf_model, tokenizer = load_gguf_hf(canonical)
-    model = hooked_from_hf(canonical, hf_model, tokenizer, device, dtype, **kwargs)
+    model = hooked_from_hf(canonical, hf_model, tokenizer, device, dtype, **kwargs)  # type: ignore[arg-type]
     # The transformers copy is no longer needed; free it before anyone allocates more.
     del hf_model
     _release_freed_memory()
@@ -557,9 +557,11 @@ def tokenized_dataset(
     if sequence_separator_token == "auto":
         sequence_separator_token = "bos" if prepends else "eos"
 
+    tokenizer = model.tokenizer
+
     def token_stream() -> Iterator[torch.Tensor]:
         for text in texts:
-            ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             if ids:
                 yield torch.tensor(ids, dtype=torch.long)
 

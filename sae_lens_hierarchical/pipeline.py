@@ -68,7 +68,7 @@ def matched_configs(
                                       normalize_activations=hsae.normalize_activations)
         if threshold_lr is not None and contestant != "topk":
             common["topk_threshold_lr"] = threshold_lr
-        cls = get_sae_training_class(contestant)[1]
+        cls: Any = get_sae_training_class(contestant)[1]
         if contestant == "hierarchical":
             cfg = copy.deepcopy(hsae)
             if threshold_lr is not None:

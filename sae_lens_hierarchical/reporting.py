@@ -346,6 +346,7 @@ def plot_consistency(records: dict[str, dict[str, dict[str, Any]]], plots_dir: s
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     recs = records.get("hierarchy", {})
     if not recs:
@@ -367,7 +368,7 @@ def plot_consistency(records: dict[str, dict[str, dict[str, Any]]], plots_dir: s
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("score")
         ax.set_title("Consistency: native trees vs post-hoc (hatched)")
-        handles = [plt.Rectangle((0, 0), 1, 1, color=f"C{i}") for i in range(len(metrics))]
+        handles = [Rectangle((0, 0), 1, 1, color=f"C{i}") for i in range(len(metrics))]
         ax.legend(handles, [m[1] for m in metrics], fontsize=8, loc="best")
         fig.tight_layout()
         path = os.path.join(plots_dir, "consistency_native_vs_posthoc.png")
@@ -415,7 +416,7 @@ def summary_plots(results: dict[str, Any], plots_dir: str | Path) -> list[tuple[
             path = plots_dir / "summary_ev_vs_l0.png"
             fig.savefig(path, dpi=100)
             plt.close(fig)
-        made.append(("explained variance against L0 (SAE-Bench core)", path))
+        made.append(("explained variance against L0 (SAE-Bench core)", str(path)))
     return made
 
 
@@ -616,9 +617,9 @@ def snippet(model: HookedTransformer, row: Sequence[int], pos: int, before: int,
     if tok is None:
         pieces = [str(t) for t in row[a:b]]
         return " ".join(pieces[: pos - a] + [f"«{pieces[pos - a]}»"] + pieces[pos - a + 1 :])
-    left = tok.decode(list(row[a:pos]))
-    mid = tok.decode([int(row[pos])])
-    right = tok.decode(list(row[pos + 1 : b]))
+    left = str(tok.decode(list(row[a:pos])))
+    mid = str(tok.decode([int(row[pos])]))
+    right = str(tok.decode(list(row[pos + 1 : b])))
     return f"{_clean(left)}«{_clean(mid)}»{_clean(right)}"
 
 

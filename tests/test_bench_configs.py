@@ -22,10 +22,10 @@ import pytest
 import torch
 import yaml
 from datasets import Dataset
-
-import sae_lens_hierarchical  # noqa: F401  (registers the architecture)
 from lm_builders import documents, tiny_lm
 from sae_lens import SAE, LanguageModelSAETrainingRunner
+
+import sae_lens_hierarchical  # noqa: F401  (registers the architecture)
 from sae_lens_hierarchical import cli, models
 
 ROOT = Path(__file__).resolve().parents[1]

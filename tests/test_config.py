@@ -8,9 +8,9 @@ import sys
 
 import pytest
 from builders import D_IN, D_SAE, WIDTHS, train_cfg
+from sae_lens import SAEConfig, TrainingSAEConfig
 
 import sae_lens_hierarchical as h
-from sae_lens import SAEConfig, TrainingSAEConfig
 
 
 def test_levels_from_widths_roots_branching_or_d_sae_alone():

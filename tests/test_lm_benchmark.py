@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from lm_builders import documents, tiny_lm
+
 from sae_lens_hierarchical import main_job
 
 ROOT = Path(__file__).resolve().parents[1]

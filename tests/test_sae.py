@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from builders import D_IN, D_SAE, inputs, step, tiny_hooked_transformer, training_sae, warm_up
+from sae_lens import SAE, TrainingSAE
 
 import sae_lens_hierarchical as h
-from sae_lens import SAE, TrainingSAE
 
 
 def _saved(sae, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from builders import D_SAE, DESIGNS, K, WIDTHS, inputs, step, training_sae, warm_up
+from builders import D_SAE, DESIGNS, WIDTHS, K, inputs, step, training_sae, warm_up
 
 import sae_lens_hierarchical as h
 
@@ -162,7 +162,7 @@ def test_a_hook_that_edits_training_activations_reaches_the_loss():
     sae = training_sae("fixed")
     x = inputs(64)
     plain = step(sae, x).losses
-    sae.hook_sae_acts_post.add_hook(lambda acts, hook: acts * 0.0)
+    sae.hook_sae_acts_post.add_hook(lambda acts, hook: acts * 0.0)  # noqa: ARG005
     try:
         zeroed = step(sae, x)
     finally:
