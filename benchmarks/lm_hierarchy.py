@@ -84,7 +84,7 @@ def flatten(metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     from sae_lens_hierarchical import models
     from sae_lens_hierarchical.config import HierarchicalTrainingSAEConfig
     from sae_lens_hierarchical.evals.run_all import RunSettings
@@ -121,6 +121,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                evals=evals, device=args.device, timings=timings)
     results = reporting.collect_results(work / "evals", names)
     wall = time.perf_counter() - t0
+    # wall_s: the shared training pass (one model pass feeds every contestant) plus this
+    # contestant's share of every eval (each eval runs the contestants one after the other).
+    train_s = timings["train (all contestants, one model pass)"]
+    eval_s = sum(v for k, v in timings.items() if k.startswith("eval_")) / len(names)
     rows = []
     for n in names:
         flat = flatten(results["metrics"][n])
@@ -129,11 +133,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "ce_loss_score": flat.get("core_ce_loss_score"), "kl_div_score": flat.get("core_kl_div_score"),
             "l0": flat.get("core_l0"), "frac_alive": flat.get("core_frac_alive"),
             "absorption": flat.get("absorption_first_letter_mean_absorption_fraction_score"),
-            "wall_s": wall, **flat, "levels": results["levels"][n],
+            "wall_s": train_s + eval_s, **flat,
+            "levels": {e: rows_ for e, rows_ in results["levels"][n].items() if e in ("hierarchy", "levelwise")},
         })
     return {
         "meta": {
-            "command": " ".join(shlex.quote(a) for a in sys.argv), "commit": git_commit(),
+            "command": " ".join(shlex.quote(a) for a in ["python", "benchmarks/lm_hierarchy.py", *argv]),
+            "commit": git_commit(),
             "machine": reporting.machine_info(), "load_average": {"start": load_start, "end": reporting.load_average()},
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_s": wall, "timings_s": timings,
             "status": status,
@@ -155,7 +161,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _group_key(data: dict[str, Any]) -> tuple[Any, ...]:
     c = data["config"]
-    hsae = {k: v for k, v in c["hsae"].items() if k not in ("k", "d_in", "d_sae", "matryoshka_widths")}
+    skip = ("k", "d_in", "d_sae", "matryoshka_widths", "device", "dtype", "metadata")
+    hsae = {k: v for k, v in c["hsae"].items() if k not in skip}
     return (c["model"], c["layer"], c["dataset"], c["tokens"], c["k"], json.dumps(hsae, sort_keys=True))
 
 
@@ -164,7 +171,7 @@ def merge(paths: list[Path], columns: tuple[str, ...]) -> tuple[str, list[dict[s
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
     for p in paths:
         groups[_group_key(json.loads(p.read_text()))].append(json.loads(p.read_text()) | {"_path": str(p)})
-    lines = ["| model, layer, tokens | k | contestant | seeds | " + " | ".join(columns) + " |",
+    lines = ["| model, layer, dataset, tokens | k | contestant | seeds | " + " | ".join(columns) + " |",
              "|---|---|---|---|" + "---|" * len(columns)]
     summary = []
     for key, files in groups.items():
@@ -188,7 +195,7 @@ def merge(paths: list[Path], columns: tuple[str, ...]) -> tuple[str, list[dict[s
                 entry[col] = (mean, sd)
                 cells.append(f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else ""))
             summary.append(entry)
-            lines.append(f"| {key[0]} L{key[1]}, {key[3]:,} | {key[4]:g} | {contestant} | {len(files)} | "
+            lines.append(f"| {key[0]} L{key[1]}, {key[2]}, {key[3]:,} | {key[4]:g} | {contestant} | {len(files)} | "
                          + " | ".join(cells) + " |")
     lines += ["", "Files: " + ", ".join(f"`{Path(p).name}`" for p in paths)]
     return "\n".join(lines), summary
@@ -230,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=300_000)
     ap.add_argument("--contestants", nargs="+", default=["hierarchical", "batchtopk", "matryoshka_batchtopk"],
                     choices=list(pipeline.CONTESTANTS))
-    ap.add_argument("--level-widths", type=lambda s: [int(x) for x in s.split(",")], default=[64, 256, 1024])
+    ap.add_argument("--level-widths", type=lambda s: [int(x) for x in s.split(",")], default=[256, 512, 576])
     ap.add_argument("--k", type=float, default=24.0, help="L0 of every contestant")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="HSAE config field")
     ap.add_argument("--absorption", action="store_true", help="also run SAE-Bench's absorption eval (CPU setting)")
@@ -257,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.contestants[0] != "hierarchical":
         ap.error("the first contestant must be hierarchical")
     args.work = args.work or str(Path("hsae_runs/lm_bench") / args.out.stem)
-    data = run(args)
+    data = run(args, list(sys.argv[1:] if argv is None else argv))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=1, default=str))
     for row in data["rows"]:

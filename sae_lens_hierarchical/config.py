@@ -146,12 +146,13 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
     """Accept k_per_level whose active fraction does not decrease with depth."""
     level_recon_weights: list[float] | None = None
     """Weight of each level's prefix reconstruction x_hat_{<=l}, roots first; the last is the
-    full reconstruction's. None: 1 for every level (SAELens's Matryoshka)."""
+    full reconstruction's. None: 0.5 for every prefix and 1 for the full reconstruction (SAELens's
+    Matryoshka weighs every prefix 1, which cost reconstruction on SmolLM2; docs/benchmarks.md)."""
     tree: TreeMode = "learned"
     """"learned": every `tree_every` steps each latent below the roots takes as parent the latent
     one level up that it co-fires with most (uneven branching). "fixed": the seed design's
     contiguous layout, `branching` children per parent, never moved."""
-    tree_every: int = 100
+    tree_every: int = 50
     """Steps between re-assignments of the learned tree (the co-firing counts of those steps)."""
     tree_min_cofire: float = 0.05
     """A latent whose best parent has P(parent on | latent on) below this keeps no parent (it is
@@ -159,7 +160,7 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
     kl_coefficient: float = 0.0
     """Weight of the KL consistency term: each level's activation mass against its children's,
     pooled onto their parents."""
-    l2_coefficient: float = 0.1
+    l2_coefficient: float = 0.05
     """Weight of the L2 consistency term (Luo et al. 2026): on tokens where some child of a parent
     fires, the parent's activation should equal the sum of its children's."""
     projection_rank: int | None = None
@@ -221,7 +222,7 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
                 raise config_error("projection_rank", self.projection_rank,
                                    f"it must be None or an integer in [1, d_in={self.d_in}]")
         if self.level_recon_weights is None:
-            self.level_recon_weights = [1.0] * L
+            self.level_recon_weights = [0.5] * (L - 1) + [1.0]
         if len(self.level_recon_weights) != L or any(
                 not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0) for w in self.level_recon_weights):
             raise config_error("level_recon_weights", self.level_recon_weights,

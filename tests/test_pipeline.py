@@ -26,7 +26,7 @@ def test_matched_configs_put_every_contestant_at_the_hsaes_width_and_l0():
     hsae = train_cfg(k=9.0)
     cfgs = pipeline.matched_configs(hsae, list(pipeline.CONTESTANTS))
     assert list(cfgs) == ["hsae", "batchtopk", "matryoshka", "topk"]
-    assert cfgs["hsae"] is hsae  # the HSAE's own config, unchanged
+    assert cfgs["hsae"] is not hsae and cfgs["hsae"].to_dict() == hsae.to_dict()  # a copy, equal
     assert type(cfgs["batchtopk"]) is BatchTopKTrainingSAEConfig
     assert type(cfgs["matryoshka"]) is MatryoshkaBatchTopKTrainingSAEConfig
     assert type(cfgs["topk"]) is TopKTrainingSAEConfig
@@ -37,8 +37,10 @@ def test_matched_configs_put_every_contestant_at_the_hsaes_width_and_l0():
     assert cfgs["hsae"].level_widths == WIDTHS
     # SAELens's default threshold rate unless asked; asked, every BatchTopK-style SAE gets it.
     assert cfgs["batchtopk"].topk_threshold_lr == 0.01
-    fast = pipeline.matched_configs(train_cfg(k=9.0), list(pipeline.CONTESTANTS), threshold_lr=0.05)
+    given = train_cfg(k=9.0)
+    fast = pipeline.matched_configs(given, list(pipeline.CONTESTANTS), threshold_lr=0.05)
     assert [fast[n].topk_threshold_lr for n in ("hsae", "batchtopk", "matryoshka")] == [0.05] * 3
+    assert given.topk_threshold_lr == 0.01  # the caller's config is not changed
 
 
 @pytest.mark.parametrize("design", ["learned", "per_level", "gated", "projected"])

@@ -170,7 +170,7 @@ def test_a_hook_that_edits_training_activations_reaches_the_loss():
     assert float(zeroed.feature_acts.detach().abs().sum()) == 0.0
     want = (sae.b_dec - x).pow(2).sum(-1).mean()  # nothing active: b_dec alone, at every prefix
     torch.testing.assert_close(zeroed.losses["mse_loss"], want)
-    torch.testing.assert_close(zeroed.losses["inner_mse_loss_4"], want)
+    torch.testing.assert_close(zeroed.losses["inner_mse_loss_4"], sae.cfg.level_recon_weights[0] * want)
     assert plain["mse_loss"].item() < want.item()
 
 

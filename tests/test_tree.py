@@ -42,21 +42,34 @@ def test_a_learned_tree_starts_with_every_latent_outside_it():
     assert sae.outside_tree.sum() == D_SAE - WIDTHS[0]
 
 
-def test_learned_parents_follow_co_firing_and_a_weak_best_parent_is_none():
-    widths = [2, 4]
+def test_learned_parents_are_the_most_specific_ancestors_and_a_weak_one_is_none():
+    widths = [3, 4]
     counts = CoFiring(widths)
-    on = torch.zeros(100, 6)
-    on[:50, 0] = 1          # parent 0 fires on the first half
-    on[50:, 1] = 1          # parent 1 on the second
-    on[:40, 2] = 1          # child 2 inside parent 0's tokens
-    on[60:90, 3] = 1        # child 3 inside parent 1's
-    on[45:55, 4] = 1        # child 4 straddles: P(p0|c)=0.5, P(p1|c)=0.5
-    on[0:1, 5] = 0          # child 5 never fires
+    on = torch.zeros(100, 7)
+    on[:, 0] = 1            # parent 0 fires always: P(0 | anything) = 1
+    on[:50, 1] = 1          # parent 1 fires on the first half
+    on[50:, 2] = 1          # parent 2 on the second
+    on[:40, 3] = 1          # child 3 inside parent 1's tokens: 1 (specific) beats 0 (always on)
+    on[60:90, 4] = 1        # child 4 inside parent 2's
+    on[45:55, 5] = 1        # child 5 straddles 1 and 2 (P = 0.5 each): the always-on 0 is P = 1...
     counts.add(on)
-    current = torch.tensor([-1, -1, -1, -1, -1, 1])
+    current = torch.tensor([-1, -1, -1, -1, -1, -1, 2])
     parent = learned_parents(counts, current, min_cofire=0.6)
-    assert parent.tolist() == [-1, -1, 0, 1, -1, 1]  # 4: best only 0.5 < 0.6; 5: never fired, kept
-    assert learned_parents(counts, current, min_cofire=0.4)[4].item() in (0, 1)
+    # 5: 1 and 2 also reach 0.5 and are rarer than 0: the first of them; 6 never fired: kept
+    assert parent.tolist() == [-1, -1, -1, 1, 2, 1, 2]
+    # without an always-on latent, a child whose best parent is below min_cofire has none
+    weak = CoFiring([2, 1])
+    on2 = torch.zeros(100, 3)
+    on2[:50, 0] = 1
+    on2[50:, 1] = 1
+    on2[40:100:3, 2] = 1    # P(0|c) = 0.2, P(1|c) = 0.8 -> 1
+    weak.add(on2)
+    assert learned_parents(weak, torch.full((3,), -1), 0.9).tolist() == [-1, -1, 1]
+    on2[:, 1] = 0
+    on2[45:50, 1] = 1       # now P(1|c) = 0.1, P(0|c) = 0.2: none reaches min_cofire 0.25
+    weak.reset()
+    weak.add(on2)
+    assert learned_parents(weak, torch.full((3,), -1), 0.25).tolist() == [-1, -1, -1]
 
 
 def test_co_firing_counts_survive_a_state_round_trip():

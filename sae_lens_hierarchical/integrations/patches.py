@@ -11,7 +11,7 @@ context managers run only for the duration of one call.
 | clear loading errors | `sae_lens.loading.pretrained_sae_loaders` | SAELens reads cfg.json / safetensors without naming the file on failure (no upstream issue found) |
 | release directory merge | `get_pretrained_saes_directory` | SAELens has no public way to add releases (its directory is one packaged YAML; see decoderesearch/SAELens#433 for the converter route, which does not cover release ids) |
 | finer training progress | `MultiSAETrainer._update_pbar` | the multi-SAE bar refreshes every 100 steps, which on a short CPU run shows nothing |
-| quiet known warnings | `warnings` filters | SAELens's ActivationsStore compares dataset *rows* with training *tokens* and warns about "fewer samples" on every in-memory dataset; `torch.tensor(tensor)` copies inside SAE-Bench's core eval warn "To copy construct from a tensor". Neither is a problem with the user's run (no upstream issues found) |
+| quiet known warnings | `warnings` filters, a `sae_lens` log filter | SAELens's ActivationsStore compares dataset *rows* with training *tokens* and warns about "fewer samples" on every in-memory dataset (`pipeline.warn_if_data_repeats` says it accurately); `torch.tensor(tensor)` copies inside SAELens and SAE-Bench warn "To copy construct from a tensor"; every SAE with model kwargs in its metadata warns on construction; the runners log "will not be reproducible" when handed the offline model the config names. None is a problem with the user's run (no upstream issues found) |
 | `provided_model` | SAE-Bench eval modules | SAE-Bench's `run_eval`s load their model by name (`HookedTransformer.from_pretrained_no_processing`); offline and in-memory models need to be handed in (cf. adamkarvonen/SAEBench PR #8's plan for `run_eval_single_sae`) |
 | `absorption_artifacts` | SAE-Bench absorption | absorption writes its probes into the installed package (`sae_bench/artifacts`) |
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import sys
 import warnings
@@ -32,10 +33,23 @@ _WRAPPED = "_hsae_wrapped"
 
 # Exactly these messages are silenced (regular expressions matched at the message start).
 QUIET_WARNINGS = (
-    # SAELens ActivationsStore: `len(dataset)` (rows) < `total_training_tokens` (tokens).
+    # SAELens ActivationsStore: `len(dataset)` (rows) < `total_training_tokens` (tokens), true of
+    # nearly every in-memory dataset; `pipeline.warn_if_data_repeats` says it accurately.
     r"The training dataset contains fewer samples",
-    # torch, from `torch.tensor(t)` on a tensor inside SAE-Bench's core eval.
+    # torch, from `torch.tensor(t)` on a tensor inside SAELens's ActivationsStore and SAE-Bench.
     r"To copy construct from a tensor",
+    # SAELens's SAE.__init__ on every SAE whose metadata holds the model's loading kwargs; the
+    # evals load the model with exactly those kwargs (`evals.common.load_model`).
+    r"\nThis SAE has non-empty model_from_pretrained_kwargs",
+)
+# SAELens's runners log these when handed a model or dataset object. hsae passes the offline
+# model and text that the config itself names (model_name, dataset_path), so the config does
+# reproduce the run.
+QUIET_LOG_PREFIXES = (
+    "override_dataset overrides cfg.dataset_path",
+    "override_model overrides cfg.model_name",
+    "You just passed in a dataset which will override",
+    "You just passed in a model which will override",
 )
 
 
@@ -63,9 +77,17 @@ def _environment() -> None:
     datasets.config.TORCHVISION_AVAILABLE = False
 
 
+class _QuietLog(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(QUIET_LOG_PREFIXES)
+
+
 def _quiet_known_warnings() -> None:
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+    sae_lens_logger = logging.getLogger("sae_lens")
+    if not any(isinstance(f, _QuietLog) for f in sae_lens_logger.filters):
+        sae_lens_logger.addFilter(_QuietLog())
 
 
 # ----------------------------------------------------------------------------------------------
