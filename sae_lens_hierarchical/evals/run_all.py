@@ -56,6 +56,9 @@ class RunSettings:
     probe_k_values: Sequence[int] = (1, 2, 5)
     probe_data_dir: str | None = None
     path_n_latents: int = 8
+    absorption_words: int | None = None
+    """Absorption's vocabulary sample (`stock.CPU_N_WORDS` on a CPU); None: SAE-Bench's whole
+    alphabetic vocabulary (its default, the setting for a GPU)."""
     posthoc_level_widths: Sequence[int] | None = None
     """Level widths of a flat SAE's level post-hoc tree in the hierarchy eval (adding up to its
     d_sae; e.g. the compared HSAE's level_widths); None: 1:4:16 of d_sae."""
@@ -201,10 +204,18 @@ def run_all_evals(
             with working_dir(probe_dir):
                 stock.run_sparse_probing(saes, model, out(name), device, cfg, force_rerun, artifacts_path)
         elif name == "absorption":
-            cfg = AbsorptionEvalConfig(model_name=model.cfg.model_name, llm_dtype=s.llm_dtype,
-                                       random_seed=s.random_seed)
+            words = s.absorption_words if s.absorption_words is not None else (
+                stock.CPU_N_WORDS if str(device).startswith("cpu") else None)
             with working_dir(common.output_dir(artifacts_path)):  # its per-SAE json goes to ./artifacts/absorption
-                res = stock.run_absorption(saes, model, out(name), device, cfg, force_rerun, artifacts_path)
+                if words is None:
+                    cfg = AbsorptionEvalConfig(model_name=model.cfg.model_name, llm_dtype=s.llm_dtype,
+                                               random_seed=s.random_seed)
+                    res = stock.run_absorption(saes, model, out(name), device, cfg, force_rerun, artifacts_path)
+                else:
+                    cfg = stock.cpu_absorption_config(model.cfg.model_name, llm_dtype=s.llm_dtype)
+                    res = stock.run_cpu_absorption(saes, model, out(name), n_words=words, seed=s.random_seed,
+                                                   config=cfg, artifacts_path=artifacts_path, device=device,
+                                                   force_rerun=force_rerun)
             if res is None:
                 status[name] = "skipped: SAE-Bench found too few first-letter features in this model"
                 continue

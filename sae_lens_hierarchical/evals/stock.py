@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sae_lens_hierarchical.evals import common
+from sae_lens_hierarchical.integrations import patches
 from sae_lens_hierarchical.integrations.patches import absorption_artifacts, provided_model
 
 if TYPE_CHECKING:
@@ -244,3 +245,154 @@ def run_autointerp(
                                artifacts_path=artifacts_path)
     finally:
         torch.set_grad_enabled(grad)
+
+# ----------------------------------------------------------------------------------------------
+# Absorption at CPU size
+
+# The CPU setting's vocabulary: 8,000 alphabetic tokens drawn with a seed. Two different samples
+# agreed within their standard deviation for both SAEs measured (docs/benchmarks.md, "Absorption
+# on a CPU"); SAE-Bench's default (every alphabetic token) stays the setting for a GPU.
+CPU_N_WORDS = 8000
+
+
+def artifacts_dir(artifacts_path: str, n_words: int | None, seed: int) -> str:
+    """The folder under `artifacts_path` for one vocabulary sample: ``cpu_absorption/<n>_words_seed<s>``.
+
+    SAE-Bench caches the GT probe (the expensive part: one model forward per word) by model
+    name and layer under it, so every SAE evaluated with the same model, layer, `n_words` and
+    `seed` reuses it, and different samples never share one.
+    """
+    words = "all" if n_words is None else str(n_words)
+    return os.path.join(artifacts_path, "cpu_absorption", f"{words}_words_seed{seed}")
+
+
+def cpu_absorption_config(model_name: str = "", **overrides: Any) -> Any:
+    """SAE-Bench's ``AbsorptionEvalConfig`` with the settings used on a 2-core CPU.
+
+    Only cost knobs differ from SAE-Bench's defaults; the task (template, token position,
+    ``max_k_value``, ``f1_jump_threshold``, ``min_GT_probe_f1``, ``min_feats_for_eval``, the
+    probes' L1 decay) is unchanged, so the numbers mean the same thing:
+
+    * ``precalc_k_sparse_probe_sae_acts=True``: encode the training activations with the SAE
+      once instead of in each of the L1 probe's 50 epochs (SAE-Bench recommends it for small
+      SAEs; same result up to float rounding).
+    * ``llm_batch_size=32``: the absorption calculator's model batch (default 10) on CPU.
+    * ``eval_k_sparse_probe_batch_size=256``: SAE encoding batch of the k-sparse scoring.
+
+    The vocabulary size is not a config field: use :func:`vocab_sample` (``CPU_N_WORDS``).
+    ``overrides`` set any other field. On a GPU use ``AbsorptionEvalConfig()`` instead.
+    """
+    from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
+
+    settings: dict[str, Any] = {
+        "model_name": model_name,
+        "precalc_k_sparse_probe_sae_acts": True,
+        "llm_batch_size": 32,
+        "eval_k_sparse_probe_batch_size": 256,
+    }
+    settings.update(overrides)
+    return AbsorptionEvalConfig(**settings)
+
+
+def run_cpu_absorption(
+    selected_saes: Any,
+    model: Any,
+    output_path: str,
+    *,
+    n_words: int | None = CPU_N_WORDS,
+    seed: int = 0,
+    config: Any = None,
+    artifacts_path: str = "artifacts",
+    device: str = "cpu",
+    force_rerun: bool = True,
+) -> dict[str, Any] | None:
+    """SAE-Bench's absorption ``run_eval``, unchanged, at CPU size.
+
+    ``sae_lens_hierarchical.evals.stock.run_absorption`` (the model in hand) inside
+    :func:`vocab_sample` (`n_words`, `seed`), :func:`reseed_each_stage` (`seed`) and
+    :func:`stop_at_hook_layer`, with SAE-Bench's probe and experiment folders under
+    ``artifacts_dir(artifacts_path, n_words, seed)``. The GT probe found there is reused
+    (``force_rerun`` re-runs the per-SAE steps only). `config` defaults to
+    :func:`cpu_absorption_config`. Returns run_eval's dict ({"<name>_custom_sae": result}), or
+    None when too few letters pass the GT probe (SAE-Bench then writes nothing).
+    ``n_words=None`` is SAE-Bench's full vocabulary (still with the seeding and stop_at_layer).
+    """
+    config = config or cpu_absorption_config()
+    with patches.vocab_sample(n_words, seed), patches.reseed_each_stage(seed), patches.stop_at_hook_layer(model):
+        return run_absorption(
+            selected_saes, model, output_path, device=device, config=config,
+            force_rerun=force_rerun, artifacts_path=artifacts_dir(artifacts_path, n_words, seed),
+        )
+
+
+def train_gt_probe(
+    model: Any,
+    layer: int,
+    *,
+    n_words: int | None = CPU_N_WORDS,
+    seed: int = 0,
+    artifacts_path: str = "artifacts",
+    config: Any = None,
+) -> dict[str, Any]:
+    """Train (or load) SAE-Bench's ground-truth first-letter probe only; return :func:`gt_probe_stats`.
+
+    Why: whether a model encodes first letters at a layer decides whether absorption can be
+    measured there at all (SAE-Bench drops letters with GT-probe F1 <= ``min_GT_probe_f1`` and
+    gives up below ``min_feats_for_eval`` letters). This is the first stage of
+    :func:`run_cpu_absorption` with the same patches, seed and folder, so it needs no SAE, and
+    a later :func:`run_cpu_absorption` with the same arguments reuses its probe.
+    """
+    from sae_bench.evals.absorption import common
+
+    config = config or cpu_absorption_config()
+    probes_dir = os.path.join(artifacts_dir(artifacts_path, n_words, seed), "absorption", "probes")
+    probe = os.path.join(probes_dir, model.cfg.model_name, f"layer_{layer}", "probe.pth")
+    if not os.path.exists(probe):
+        with patches.vocab_sample(n_words, seed), patches.reseed_each_stage(seed), \
+                patches.stop_at_hook_layer(model), torch.enable_grad():
+            common.train_and_save_probes(
+                model, layers=[layer], base_template=config.prompt_template,
+                pos_idx=config.prompt_token_pos, probes_dir=probes_dir, device="cpu",
+            )
+    return gt_probe_stats(probes_dir, model.cfg.model_name, layer)
+
+
+def gt_probe_stats(probes_dir: str, model_name: str, layer: int) -> dict[str, Any]:
+    """Per-letter quality of a GT probe saved by SAE-Bench, on its held-out (test) words.
+
+    F1/precision/recall use SAE-Bench's own rule (``k_sparse_probing.build_metrics_df``: a
+    letter's logit > 0, one letter against the rest), so ``f1 > min_GT_probe_f1`` reproduces
+    which letters the eval keeps. Also reports the 26-way top-1 accuracy (argmax of the logits)
+    and the number of test words per letter.
+    """
+    import numpy as np
+    from sae_bench.evals.absorption.vocab import LETTERS
+    from sklearn import metrics
+
+    folder = os.path.join(probes_dir, model_name, f"layer_{layer}")
+    from sae_bench.evals.absorption.common import load_probe
+
+    # SAE-Bench's own loader for the probe SAE-Bench wrote (a pickled module in our artifacts folder).
+    probe = load_probe(model_name, layer, probes_dir, dtype=torch.float32, device="cpu")
+    data = np.load(os.path.join(folder, "data.npz"))
+    x, y = torch.from_numpy(data["X_test"]).float(), data["y_test"]
+    with torch.no_grad():
+        logits = probe(x).numpy()
+    letters = {}
+    for i, letter in enumerate(LETTERS):
+        truth, pred = y == i, logits[:, i] > 0
+        letters[letter] = {
+            "n_test": int(truth.sum()),
+            "f1": float(metrics.f1_score(truth, pred, zero_division=0.0)),  # type: ignore[arg-type]
+            "precision": float(metrics.precision_score(truth, pred, zero_division=0.0)),  # type: ignore[arg-type]
+            "recall": float(metrics.recall_score(truth, pred, zero_division=0.0)),  # type: ignore[arg-type]
+            "auc": float(metrics.roc_auc_score(truth, logits[:, i])) if 0 < truth.sum() < len(y) else None,
+        }
+    f1s = [v["f1"] for v in letters.values()]
+    return {
+        "n_train": int(len(data["y_train"])),
+        "n_test": int(len(y)),
+        "accuracy_26way": float((logits.argmax(1) == y).mean()),
+        "mean_f1": float(np.mean(f1s)),
+        "letters": letters,
+    }

@@ -14,6 +14,9 @@ context managers run only for the duration of one call.
 | quiet known warnings | `warnings` filters, a `sae_lens` log filter | SAELens's ActivationsStore compares dataset *rows* with training *tokens* and warns about "fewer samples" on every in-memory dataset (`pipeline.warn_if_data_repeats` says it accurately); `torch.tensor(tensor)` copies inside SAELens and SAE-Bench warn "To copy construct from a tensor"; every SAE with model kwargs in its metadata warns on construction; the runners log "will not be reproducible" when handed the offline model the config names. None is a problem with the user's run (no upstream issues found) |
 | `provided_model` | SAE-Bench eval modules | SAE-Bench's `run_eval`s load their model by name (`HookedTransformer.from_pretrained_no_processing`); offline and in-memory models need to be handed in (cf. adamkarvonen/SAEBench PR #8's plan for `run_eval_single_sae`) |
 | `absorption_artifacts` | SAE-Bench absorption | absorption writes its probes into the installed package (`sae_bench/artifacts`) |
+| `vocab_sample` | SAE-Bench absorption | its cost is linear in the alphabetic vocabulary (47k words for SmolLM2), hours on a CPU; a seeded sample keeps the task and metric |
+| `reseed_each_stage` | SAE-Bench absorption | its `run_eval` ignores `random_seed` and draws word splits, ICL examples and probe inits from the global RNGs, so a result depends on the SAEs evaluated before it |
+| `stop_at_hook_layer` | a HookedTransformer, during absorption | SAE-Bench runs the whole model to read one `blocks.L` hook; `stop_at_layer` gives the same activations for a fraction of the cost |
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import functools
 import json
 import logging
 import os
+import random
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -30,6 +35,9 @@ from pathlib import Path
 from typing import Any
 
 _WRAPPED = "_hsae_wrapped"
+# SAE-Bench modules that bind `get_alpha_tokens` at import time: the GT probe's prompts and the
+# absorption calculator's ICL word list.
+_ABSORPTION_VOCAB_USERS = ("sae_bench.evals.absorption.common", "sae_bench.evals.absorption.feature_absorption")
 
 # Exactly these messages are silenced (regular expressions matched at the message start).
 QUIET_WARNINGS = (
@@ -313,3 +321,149 @@ def absorption_artifacts(artifacts_path: str) -> Iterator[None]:
         yield
     finally:
         ab.run_k_sparse_probing_experiment, ab.run_feature_absortion_experiment = originals
+
+
+@contextlib.contextmanager
+def vocab_sample(n_words: int | None, seed: int = 0) -> Iterator[None]:
+    """Restrict SAE-Bench absorption's alphabetic vocabulary to `n_words` words drawn with `seed`.
+
+    Why: the eval's cost is linear in the vocabulary, and by default it uses every alphabetic
+    token (47k for SmolLM2, 140k for Gemma-3), which on a CPU is hours of model forwards. A
+    uniform random sample keeps the task (the same prompts, the same 80/20 word split, the same
+    per-letter metric) and only shrinks the word set; with a fixed seed it is reproducible.
+
+    How: SAE-Bench imports ``get_alpha_tokens`` by name into ``absorption.common`` (GT-probe
+    prompts) and ``absorption.feature_absorption`` (the ICL examples of the absorption
+    prompts). Inside the block both names return the same sample: the full list, sorted (the
+    tokenizer's dict order is not guaranteed), then ``random.Random(seed).sample(n_words)``.
+    Both are restored on exit. ``n_words=None`` (or more than there are) keeps every word.
+
+    Note: SAE-Bench caches its GT probe per model name and layer under ``probes_dir``, so
+    runs with different samples need different ``artifacts_path`` folders.
+    """
+    import importlib
+
+    from sae_bench.evals.absorption import vocab
+
+    full = vocab.get_alpha_tokens
+    modules = [importlib.import_module(name) for name in _ABSORPTION_VOCAB_USERS]
+    originals = [m.get_alpha_tokens for m in modules]
+    cache: dict[int, list[str]] = {}
+
+    def sampled_alpha_tokens(tokenizer: Any, *args: Any, **kwargs: Any) -> list[str]:
+        key = id(tokenizer)
+        if key not in cache:
+            words = sorted(full(tokenizer, *args, **kwargs))
+            if n_words is not None and n_words < len(words):
+                words = random.Random(seed).sample(words, n_words)
+            cache[key] = words
+        return list(cache[key])
+
+    for m in modules:
+        m.get_alpha_tokens = sampled_alpha_tokens
+    try:
+        yield
+    finally:
+        for m, original in zip(modules, originals):
+            m.get_alpha_tokens = original
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed Python's `random`, NumPy and torch for the block; restore their states after.
+
+    Why: SAE-Bench's absorption eval ignores ``config.random_seed``. Its word split
+    (``random.sample`` in ``create_dataset_probe_training``), the ICL examples of every prompt
+    (``create_icl_prompt``), and the GT and L1 probes' initialisation and batch order (torch)
+    all draw from the global generators, so two runs on the same words give different numbers.
+    """
+    import numpy as np
+    import torch
+
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+
+
+@contextlib.contextmanager
+def reseed_each_stage(seed: int) -> Iterator[None]:
+    """Run each stage of SAE-Bench's absorption eval under :func:`seeded` (`seed`).
+
+    Why: inside one ``run_eval`` the GT probe (trained once per model and layer, then cached)
+    and every SAE's experiments draw from the same global generators one after the other, so
+    an SAE's number would depend on the SAEs evaluated before it in the call and on whether
+    the GT probe was trained or loaded. Reseeding at the start of
+    ``common.train_and_save_probes`` (GT probe: word split, ICL examples, probe),
+    ``run_k_sparse_probing_experiment`` and ``run_feature_absortion_experiment`` (per SAE:
+    L1 probe, calculator ICL examples) makes each result a function of (model, layer,
+    vocabulary sample, seed, SAE) only. The three module names are restored on exit.
+    """
+    from sae_bench.evals.absorption import common
+    from sae_bench.evals.absorption import main as ab
+
+    targets = [(common, "train_and_save_probes"), (ab, "run_k_sparse_probing_experiment"),
+               (ab, "run_feature_absortion_experiment")]
+    originals = [getattr(m, name) for m, name in targets]
+
+    def reseeding(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with seeded(seed):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    for (m, name), fn in zip(targets, originals):
+        setattr(m, name, reseeding(fn))
+    try:
+        yield
+    finally:
+        for (m, name), fn in zip(targets, originals):
+            setattr(m, name, fn)
+
+
+_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
+
+
+@contextlib.contextmanager
+def stop_at_hook_layer(model: Any) -> Iterator[None]:
+    """Make `model.run_with_cache(..., names_filter=[hooks])` stop after the last hooked block.
+
+    Why: SAE-Bench reads only ``blocks.L.hook_resid_post`` but runs the whole model (and the
+    unembedding) for every prompt. For SmolLM2 at layer 3 that is 30 blocks where 4 suffice.
+    ``stop_at_layer=L+1`` runs blocks 0..L, so the cached activation is the same tensor.
+
+    Applies only when `names_filter` is a string or a list of ``blocks.<n>.`` hook names and the
+    caller did not pass ``stop_at_layer``; anything else goes through unchanged. Patched on the
+    instance, removed on exit.
+    """
+    had_own = "run_with_cache" in vars(model)
+    original = model.run_with_cache
+
+    def run_with_cache(*args: Any, **kwargs: Any) -> Any:
+        names = kwargs.get("names_filter")
+        if isinstance(names, str):
+            names = [names]
+        if "stop_at_layer" not in kwargs and isinstance(names, (list, tuple)) and names:
+            layers = [_BLOCK_HOOK.match(n) for n in names if isinstance(n, str)]
+            if len(layers) == len(names) and all(layers):
+                kwargs["stop_at_layer"] = max(int(m.group(1)) for m in layers) + 1  # type: ignore[union-attr]
+        return original(*args, **kwargs)
+
+    model.run_with_cache = run_with_cache
+    try:
+        yield
+    finally:
+        if had_own:
+            model.run_with_cache = original
+        else:
+            del model.run_with_cache
+
+
