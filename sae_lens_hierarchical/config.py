@@ -28,9 +28,21 @@ TreeMode = Literal["learned", "fixed"]
 TRAINABLE_NORMALIZATIONS = ("none", "expected_average_only_in")
 # Fields of cfg.json files written by sae-lens-hierarchical 0.1 (the fixed-slot design with free
 # latents), which 0.2 cannot load: the model they describe no longer exists.
-REMOVED_FIELDS = ("variant", "n_free", "k_free", "l1_per_level", "reseat_every", "reseat_stat_steps",
-                  "reseat_until", "free_budget_rate", "tree_fit_step", "tree_fit_stat_steps",
-                  "l2_form", "child_init_parent_mix", "aux_within_parent")
+REMOVED_FIELDS = (
+    "variant",
+    "n_free",
+    "k_free",
+    "l1_per_level",
+    "reseat_every",
+    "reseat_stat_steps",
+    "reseat_until",
+    "free_budget_rate",
+    "tree_fit_step",
+    "tree_fit_stat_steps",
+    "l2_form",
+    "child_init_parent_mix",
+    "aux_within_parent",
+)
 
 
 def config_error(field_name: str, value: Any, allowed: str) -> ValueError:
@@ -65,7 +77,8 @@ class TreeShape:
             raise ValueError(
                 f"this hierarchical SAE was saved by sae-lens-hierarchical 0.1 (its config has {old}), "
                 "whose fixed-slot design 0.2 replaced with a learned tree; 0.2 cannot load it. Retrain "
-                "it, or load it with `pip install sae-lens-hierarchical==0.1.0`.")
+                "it, or load it with `pip install sae-lens-hierarchical==0.1.0`."
+            )
         return super().from_dict(config_dict)  # type: ignore[misc]
 
     def resolve_shape(self, d_sae: int) -> None:
@@ -74,10 +87,10 @@ class TreeShape:
             if not isinstance(self.n_levels, int) or self.n_levels < 1:
                 raise config_error("n_levels", self.n_levels, "it must be an integer >= 1")
             branching = [4] * (self.n_levels - 1) if self.branching is None else list(self.branching)
-            if len(branching) != self.n_levels - 1 or any(
-                    not isinstance(b, int) or b < 1 for b in branching):
-                raise config_error("branching", self.branching,
-                                   f"it needs n_levels-1={self.n_levels - 1} integers >= 1")
+            if len(branching) != self.n_levels - 1 or any(not isinstance(b, int) or b < 1 for b in branching):
+                raise config_error(
+                    "branching", self.branching, f"it needs n_levels-1={self.n_levels - 1} integers >= 1"
+                )
             per_root = [math.prod(branching[:i]) for i in range(self.n_levels)]
             n_roots = self.n_roots if self.n_roots is not None else d_sae // sum(per_root)
             if not isinstance(n_roots, int) or n_roots < 1:
@@ -193,13 +206,19 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
         assert self.level_widths is not None
         L = self.n_levels
         if self.matryoshka_widths and self.matryoshka_widths != self.level_boundaries:
-            raise config_error("matryoshka_widths", self.matryoshka_widths,
-                               f"it is derived from the levels ({self.level_boundaries}); leave it empty")
+            raise config_error(
+                "matryoshka_widths",
+                self.matryoshka_widths,
+                f"it is derived from the levels ({self.level_boundaries}); leave it empty",
+            )
         self.matryoshka_widths = self.level_boundaries
         if self.normalize_activations not in TRAINABLE_NORMALIZATIONS:
-            raise config_error("normalize_activations", self.normalize_activations,
-                               f"training supports {', '.join(TRAINABLE_NORMALIZATIONS)} "
-                               "(stateful norms break the per-level prefix decodes)")
+            raise config_error(
+                "normalize_activations",
+                self.normalize_activations,
+                f"training supports {', '.join(TRAINABLE_NORMALIZATIONS)} "
+                "(stateful norms break the per-level prefix decodes)",
+            )
         if not (isinstance(self.k, (int, float)) and 0 < self.k <= self.d_sae):
             raise config_error("k", self.k, f"it must be in (0, d_sae={self.d_sae}]")
         for name in ("kl_coefficient", "l2_coefficient", "aux_loss_coefficient", "topk_threshold_lr"):
@@ -216,17 +235,21 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
             self._check_fixed_layout()
         if self.projection_rank is not None:
             if self.tree != "fixed":
-                raise config_error("projection_rank", self.projection_rank,
-                                   "per-parent subspaces need tree: fixed (a learned tree moves children)")
+                raise config_error(
+                    "projection_rank",
+                    self.projection_rank,
+                    "per-parent subspaces need tree: fixed (a learned tree moves children)",
+                )
             if not (isinstance(self.projection_rank, int) and 1 <= self.projection_rank <= self.d_in):
-                raise config_error("projection_rank", self.projection_rank,
-                                   f"it must be None or an integer in [1, d_in={self.d_in}]")
+                raise config_error(
+                    "projection_rank", self.projection_rank, f"it must be None or an integer in [1, d_in={self.d_in}]"
+                )
         if self.level_recon_weights is None:
             self.level_recon_weights = [0.5] * (L - 1) + [1.0]
         if len(self.level_recon_weights) != L or any(
-                not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0) for w in self.level_recon_weights):
-            raise config_error("level_recon_weights", self.level_recon_weights,
-                               f"it must hold {L} finite weights >= 0")
+            not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0) for w in self.level_recon_weights
+        ):
+            raise config_error("level_recon_weights", self.level_recon_weights, f"it must hold {L} finite weights >= 0")
         if self.k_per_level is not None:
             self._check_level_budgets()
         super().__post_init__()
@@ -235,8 +258,9 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
         widths = self.level_widths or []
         for a, b in zip(widths, widths[1:]):
             if b % a:
-                raise config_error("level_widths", widths,
-                                   "a fixed tree needs each width to be a multiple of the one before")
+                raise config_error(
+                    "level_widths", widths, "a fixed tree needs each width to be a multiple of the one before"
+                )
 
     def _check_level_budgets(self) -> None:
         assert self.k_per_level is not None and self.level_widths is not None
@@ -247,9 +271,12 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
             raise config_error("k_per_level", ks, f"it must sum to k={self.k:g} (the whole L0)")
         density = [k / n for k, n in zip(ks, widths, strict=True)]
         if not self.allow_nonincreasing_sparsity and any(b >= a for a, b in zip(density, density[1:])):
-            raise config_error("k_per_level", ks,
-                               f"the active fraction k_l/n_l must decrease with depth (got "
-                               f"{[round(d, 4) for d in density]}); set allow_nonincreasing_sparsity to opt out")
+            raise config_error(
+                "k_per_level",
+                ks,
+                f"the active fraction k_l/n_l must decrease with depth (got "
+                f"{[round(d, 4) for d in density]}); set allow_nonincreasing_sparsity to opt out",
+            )
 
     @property
     def total_l0(self) -> float:

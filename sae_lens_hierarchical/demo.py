@@ -146,25 +146,41 @@ def run_demo(
     train_ds = pipeline.pack(model, train_texts, cfg.context_size).shuffle(seed=cfg.seed).flatten_indices()
     eval_ds = pipeline.pack(model, eval_texts, cfg.context_size)
     if len(eval_ds) == 0 or len(train_ds) == 0:
-        raise ValueError(f"too little text: {len(train_ds)} training and {len(eval_ds)} held-out rows of "
-                         f"{cfg.context_size} tokens")
+        raise ValueError(
+            f"too little text: {len(train_ds)} training and {len(eval_ds)} held-out rows of {cfg.context_size} tokens"
+        )
     timings["load model and text"] = time.perf_counter() - t
-    print(f"  {len(train_ds)} training rows and {len(eval_ds)} held-out rows of {cfg.context_size} tokens "
-          f"({len(train_texts)} + {len(eval_texts)} documents)", flush=True)
+    print(
+        f"  {len(train_ds)} training rows and {len(eval_ds)} held-out rows of {cfg.context_size} tokens "
+        f"({len(train_texts)} + {len(eval_texts)} documents)",
+        flush=True,
+    )
 
     hsae = hsae_config(cfg, int(model.cfg.d_model))
     saes_cfg = pipeline.matched_configs(hsae, cfg.contestants, threshold_lr=cfg.threshold_lr)
     names = list(saes_cfg)
     steps = max(1, cfg.tokens // cfg.batch_tokens)
-    phase(f"2/5 training {' + '.join(names)} (d_sae {hsae.d_sae}, L0 {hsae.total_l0:g}) on {cfg.hook_name}, "
-          f"{steps * cfg.batch_tokens:,} tokens, one model pass for all")
+    phase(
+        f"2/5 training {' + '.join(names)} (d_sae {hsae.d_sae}, L0 {hsae.total_l0:g}) on {cfg.hook_name}, "
+        f"{steps * cfg.batch_tokens:,} tokens, one model pass for all"
+    )
     t = time.perf_counter()
     sae_root = out / "saes"
     pipeline.train_saes(
-        model, train_ds, saes_cfg, cfg.hook_name, sae_root, model_name=model_name,
-        dataset_label=f"{cfg.text} (training documents)", training_tokens=cfg.tokens,
-        context_size=cfg.context_size, batch_tokens=cfg.batch_tokens, lr=cfg.lr,
-        dead_feature_window=cfg.dead_feature_window, norm_batches=cfg.norm_batches, seed=cfg.seed,
+        model,
+        train_ds,
+        saes_cfg,
+        cfg.hook_name,
+        sae_root,
+        model_name=model_name,
+        dataset_label=f"{cfg.text} (training documents)",
+        training_tokens=cfg.tokens,
+        context_size=cfg.context_size,
+        batch_tokens=cfg.batch_tokens,
+        lr=cfg.lr,
+        dead_feature_window=cfg.dead_feature_window,
+        norm_batches=cfg.norm_batches,
+        seed=cfg.seed,
         device=cfg.device,
     )
     timings["train"] = time.perf_counter() - t
@@ -178,13 +194,25 @@ def run_demo(
         phase("3/5 evaluating on held-out text: SAE-Bench core + " + ", ".join(PLUGIN_EVALS))
         t = time.perf_counter()
         settings = RunSettings(
-            dataset_name=f"{cfg.text} (held-out documents)", context_size=cfg.context_size,
-            n_eval_prompts=min(cfg.eval_prompts, len(eval_ds)), batch_size_prompts=cfg.eval_batch_prompts,
-            random_seed=cfg.seed, core_batches=cfg.core_batches, core_sparsity_batches=cfg.core_sparsity_batches,
+            dataset_name=f"{cfg.text} (held-out documents)",
+            context_size=cfg.context_size,
+            n_eval_prompts=min(cfg.eval_prompts, len(eval_ds)),
+            batch_size_prompts=cfg.eval_batch_prompts,
+            random_seed=cfg.seed,
+            core_batches=cfg.core_batches,
+            core_sparsity_batches=cfg.core_sparsity_batches,
             path_n_latents=cfg.path_latents,
         )
-        status = pipeline.evaluate(sae_dirs, model, eval_ds, results_dir, settings,
-                                   evals=("core", *PLUGIN_EVALS), device=cfg.device, timings=timings)
+        status = pipeline.evaluate(
+            sae_dirs,
+            model,
+            eval_ds,
+            results_dir,
+            settings,
+            evals=("core", *PLUGIN_EVALS),
+            device=cfg.device,
+            timings=timings,
+        )
         timings["evaluate (all)"] = time.perf_counter() - t
     else:
         phase("3/5 evals skipped (--no-evals)")
@@ -195,48 +223,88 @@ def run_demo(
     rows = eval_ds[: min(cfg.tree_prompts, len(eval_ds))]["tokens"]
     tree_tokens = rows.long() if isinstance(rows, torch.Tensor) else torch.tensor(rows, dtype=torch.long)
     tree_md, tree_json = reporting.tree_markdown(
-        tree_sae, model, tree_tokens, cfg.hook_name, n_roots=cfg.tree_roots,
-        batch_prompts=cfg.eval_batch_prompts, title=f"The learned tree: {model_name}, {cfg.hook_name}",
+        tree_sae,
+        model,
+        tree_tokens,
+        cfg.hook_name,
+        n_roots=cfg.tree_roots,
+        batch_prompts=cfg.eval_batch_prompts,
+        title=f"The learned tree: {model_name}, {cfg.hook_name}",
         intro=f"Hierarchical SAE `{sae_dirs[names[0]]}` (level widths {list(cfg.level_widths)}, L0 {cfg.k:g}), "
-              f"read on held-out {cfg.text} text.",
+        f"read on held-out {cfg.text} text.",
     )
     (out / "tree.md").write_text(tree_md)
     timings["tree.md"] = time.perf_counter() - t
 
     phase("5/5 writing the report")
     t = time.perf_counter()
-    results = reporting.collect_results(results_dir, names) if results_dir.exists() else {
-        "metrics": {n: {} for n in names}, "levels": {n: {} for n in names}}
+    results = (
+        reporting.collect_results(results_dir, names)
+        if results_dir.exists()
+        else {"metrics": {n: {} for n in names}, "levels": {n: {} for n in names}}
+    )
     plots = reporting.summary_plots(results, out / "plots")
-    extra = [("tree.md", "the HSAE's top roots, children and grandchildren with their snippets"),
-             ("results.json", "the numbers of this summary, machine-readable")]
+    extra = [
+        ("tree.md", "the HSAE's top roots, children and grandchildren with their snippets"),
+        ("results.json", "the numbers of this summary, machine-readable"),
+    ]
     if cfg.evals:
         extra.append(("evals/", "SAE-Bench-format results (core, " + ", ".join(PLUGIN_EVALS) + ")"))
         if cfg.full_report:
-            reporting.build_report(str(results_dir), output_dir=str(out),
-                                   title=f"HSAE vs flat SAEs: {model_name}, {cfg.hook_name}", status=status)
+            reporting.build_report(
+                str(results_dir),
+                output_dir=str(out),
+                title=f"HSAE vs flat SAEs: {model_name}, {cfg.hook_name}",
+                status=status,
+            )
             extra.append(("report.md", "the eval comparison report, with its plots in plots/"))
     timings["report"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     load["end"] = reporting.load_average()
     machine = reporting.machine_info()
-    run_cfg = {**asdict(cfg), "model": model_name, "hook": cfg.hook_name, "d_sae": hsae.d_sae,
-               "l0": hsae.total_l0, "training_tokens": steps * cfg.batch_tokens}
+    run_cfg = {
+        **asdict(cfg),
+        "model": model_name,
+        "hook": cfg.hook_name,
+        "d_sae": hsae.d_sae,
+        "l0": hsae.total_l0,
+        "training_tokens": steps * cfg.batch_tokens,
+    }
     summary = reporting.summary_markdown(
         title=f"Main job: hierarchical SAE vs flat SAEs on {model_name}",
-        command=command, cfg=run_cfg, machine=machine, load=load, timings=timings, results=results,
-        status=status, sae_dirs={n: os.path.relpath(d, out) for n, d in sae_dirs.items()},
+        command=command,
+        cfg=run_cfg,
+        machine=machine,
+        load=load,
+        timings=timings,
+        results=results,
+        status=status,
+        sae_dirs={n: os.path.relpath(d, out) for n, d in sae_dirs.items()},
         plots=[(c, os.path.relpath(p, out)) for c, p in plots],
-        notes=[f"Trained {', '.join(names)} at the same width and L0 from one pass of the model over "
-               f"{cfg.text} text; every {cfg.heldout_every}th document held out for the evals and tree.md. "
-               f"Training throughput {tokens_per_s:,.0f} tokens/s (all SAEs together)."],
+        notes=[
+            f"Trained {', '.join(names)} at the same width and L0 from one pass of the model over "
+            f"{cfg.text} text; every {cfg.heldout_every}th document held out for the evals and tree.md. "
+            f"Training throughput {tokens_per_s:,.0f} tokens/s (all SAEs together)."
+        ],
         extra_files=extra,
     )
     (out / "summary.md").write_text(summary)
-    (out / "results.json").write_text(json.dumps({
-        "command": command, "config": run_cfg, "machine": machine, "load_average": load,
-        "timings_s": timings, "status": status, "metrics": results["metrics"],
-        "levels": results["levels"], "tree": tree_json,
-    }, indent=2, default=str))
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "command": command,
+                "config": run_cfg,
+                "machine": machine,
+                "load_average": load,
+                "timings_s": timings,
+                "status": status,
+                "metrics": results["metrics"],
+                "levels": results["levels"],
+                "tree": tree_json,
+            },
+            indent=2,
+            default=str,
+        )
+    )
     print("\n" + reporting.stdout_summary(results, timings, out), flush=True)
     return out

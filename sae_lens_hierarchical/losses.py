@@ -84,8 +84,6 @@ def consistency_kl(
     return (kl.sum(0) / valid.sum(0).clamp(min=1)).sum()
 
 
-
-
 def consistency_l2(acts: Tensor, pre_acts: Tensor, parent: Tensor) -> Tensor:
     """Mean over tokens of sum over parents p of (relu(pre_p) - sum_{c: parent c = p} a_c)^2,
     counted only where some child of p fires.

@@ -119,9 +119,7 @@ OFFLINE_MODELS: dict[str, OfflineModelSpec] = {
 }
 
 _ALIASES: dict[str, str] = {
-    alias: spec.name
-    for spec in OFFLINE_MODELS.values()
-    for alias in (spec.name, *spec.aliases)
+    alias: spec.name for spec in OFFLINE_MODELS.values() for alias in (spec.name, *spec.aliases)
 }
 
 # The native contexts (8192 / 32768) make TransformerLens allocate large per-layer causal-mask
@@ -197,9 +195,7 @@ def load_gguf_hf(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     gguf = _locate_gguf(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except ImportError as err:
         if "gguf" not in str(err).lower():
             raise
@@ -411,9 +407,7 @@ def load_model(
 
         return HookedTransformer.from_pretrained(name, device=device, dtype=dtype, **kwargs)  # type: ignore[arg-type]
     if canonical is None:
-        raise ValueError(
-            f"source='gguf' but {name!r} is not an offline model; known: {sorted(OFFLINE_MODELS)}"
-        )
+        raise ValueError(f"source='gguf' but {name!r} is not an offline model; known: {sorted(OFFLINE_MODELS)}")
 
     unknown = set(kwargs) - {"n_ctx", "default_prepend_bos", *_PROCESSING_KEYS}
     if unknown:

@@ -64,8 +64,9 @@ def matched_configs(
     for contestant in contestants:
         if contestant not in CONTESTANTS:
             raise ValueError(f"unknown contestant {contestant!r}; allowed: {', '.join(CONTESTANTS)}")
-        common: dict[str, Any] = dict(d_in=hsae.d_in, d_sae=hsae.d_sae,
-                                      normalize_activations=hsae.normalize_activations)
+        common: dict[str, Any] = dict(
+            d_in=hsae.d_in, d_sae=hsae.d_sae, normalize_activations=hsae.normalize_activations
+        )
         if threshold_lr is not None and contestant != "topk":
             common["topk_threshold_lr"] = threshold_lr
         cls: Any = get_sae_training_class(contestant)[1]
@@ -133,8 +134,11 @@ def mean_activation(
 
     from sae_lens_hierarchical.evals import common
 
-    rows = list(dataset.take(n_rows)) if isinstance(dataset, IterableDataset) else [
-        dataset[i] for i in range(min(n_rows, len(dataset)))]
+    rows = (
+        list(dataset.take(n_rows))
+        if isinstance(dataset, IterableDataset)
+        else [dataset[i] for i in range(min(n_rows, len(dataset)))]
+    )
     token_rows = []
     for row in rows:
         if "tokens" in row or "input_ids" in row:
@@ -288,7 +292,10 @@ def evaluate(
     timings = timings if timings is not None else {}
     for name in evals:  # one at a time, so each gets its own time
         t = time.perf_counter()
-        status.update(run_all.run_all_evals(selected, model, str(results_dir), [name], dataset, settings,
-                                            device, force_rerun=True))
+        status.update(
+            run_all.run_all_evals(
+                selected, model, str(results_dir), [name], dataset, settings, device, force_rerun=True
+            )
+        )
         timings[f"eval_{name}"] = time.perf_counter() - t
     return status

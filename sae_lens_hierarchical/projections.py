@@ -79,8 +79,12 @@ class FactoredRows:
             self._parameters["W_enc_l0"] = nn.Parameter(torch.empty(d, widths[0], **kw))
             for level in range(1, len(widths)):
                 n_par, b = widths[level - 1], widths[level] // widths[level - 1]
-                for name, shape in ((f"dec_basis_l{level}", (n_par, r, d)), (f"dec_codes_l{level}", (n_par, b, r)),
-                                    (f"enc_basis_l{level}", (n_par, d, r)), (f"enc_codes_l{level}", (n_par, r, b))):
+                for name, shape in (
+                    (f"dec_basis_l{level}", (n_par, r, d)),
+                    (f"dec_codes_l{level}", (n_par, b, r)),
+                    (f"enc_basis_l{level}", (n_par, d, r)),
+                    (f"enc_codes_l{level}", (n_par, r, b)),
+                ):
                     self._parameters[name] = nn.Parameter(torch.empty(*shape, **kw))
             return
         self._parameters["W_dec_l0"] = nn.Parameter(rows[0].clone())
@@ -97,9 +101,12 @@ class FactoredRows:
             basis[:, :1] = basis[:, :1] * sign
             norm = rows[level].norm(dim=-1).mean()
             codes = nn.functional.normalize(torch.randn(n_par, b, r), dim=-1) * norm
-            for name, value in ((f"dec_basis_l{level}", basis), (f"dec_codes_l{level}", codes),
-                                (f"enc_basis_l{level}", basis.transpose(1, 2)),
-                                (f"enc_codes_l{level}", codes.transpose(1, 2))):
+            for name, value in (
+                (f"dec_basis_l{level}", basis),
+                (f"dec_codes_l{level}", codes),
+                (f"enc_basis_l{level}", basis.transpose(1, 2)),
+                (f"enc_codes_l{level}", codes.transpose(1, 2)),
+            ):
                 self._parameters[name] = nn.Parameter(value.contiguous().to(**kw))
             parent_dirs = nn.functional.normalize(torch.einsum("pbr,prd->pbd", codes, basis).flatten(0, 1), dim=-1)
 
@@ -107,7 +114,7 @@ class FactoredRows:
     def scale_input_space(self, s: float) -> None:
         """Fold x -> x*s into the factors: encoder side times s, decoder side divided by s."""
         for level in range(len(self.cfg.level_widths)):
-            enc, dec = (("W_enc_l0", "W_dec_l0") if level == 0 else (f"enc_codes_l{level}", f"dec_codes_l{level}"))
+            enc, dec = ("W_enc_l0", "W_dec_l0") if level == 0 else (f"enc_codes_l{level}", f"dec_codes_l{level}")
             self._parameters[enc].mul_(s)
             self._parameters[dec].div_(s)
 

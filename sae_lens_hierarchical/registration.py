@@ -25,6 +25,4 @@ def register() -> None:
     if ARCHITECTURE not in SAE_CLASS_REGISTRY:
         register_sae_class(ARCHITECTURE, HierarchicalSAE, HierarchicalSAEConfig)
     if ARCHITECTURE not in SAE_TRAINING_CLASS_REGISTRY:
-        register_sae_training_class(
-            ARCHITECTURE, HierarchicalTrainingSAE, HierarchicalTrainingSAEConfig
-        )
+        register_sae_training_class(ARCHITECTURE, HierarchicalTrainingSAE, HierarchicalTrainingSAEConfig)

@@ -67,9 +67,7 @@ SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 # Metrics plotted against L0 (numeric ones of the summary, less L0 itself).
-L0_PLOTS: tuple[tuple[str, str, str], ...] = tuple(
-    c for c in SUMMARY_COLUMNS if c[1] not in ("l0", "tree_source")
-)
+L0_PLOTS: tuple[tuple[str, str, str], ...] = tuple(c for c in SUMMARY_COLUMNS if c[1] not in ("l0", "tree_source"))
 
 PER_LEVEL_PLOTS: tuple[tuple[str, str, str], ...] = (
     ("levelwise", "l0", "L0"),
@@ -121,6 +119,7 @@ PLUGIN_ROWS: tuple[tuple[str, str, str], ...] = (
 
 
 # Machine
+
 
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
@@ -177,6 +176,7 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 
 
 # Reading results
+
 
 def _file_key(path: str) -> str:
     return os.path.basename(path).replace("_eval_results.json", "")
@@ -255,7 +255,8 @@ def collect_results(results_dir: str | Path, names: Sequence[str]) -> dict[str, 
             if name is None:
                 continue
             metrics[name][eval_type] = {
-                k: v for k, v in rec.items()
+                k: v
+                for k, v in rec.items()
                 if k not in ("eval_config",) and (isinstance(v, (int, float, str)) or v is None)
             }
             levels[name][eval_type] = details.get(eval_type, {}).get(key, [])
@@ -263,6 +264,7 @@ def collect_results(results_dir: str | Path, names: Sequence[str]) -> dict[str, 
 
 
 # Plots
+
 
 def plot_l0_vs_metrics(records: dict[str, dict[str, dict[str, Any]]], plots_dir: str) -> list[tuple[str, str]]:
     """L0 against each metric with SAE-Bench's plot_2var_graph; returns [(label, png path)]."""
@@ -284,7 +286,11 @@ def plot_l0_vs_metrics(records: dict[str, dict[str, dict[str, Any]]], plots_dir:
             continue
         path = os.path.join(plots_dir, f"l0_vs_{eval_type}_{metric}.png")
         graphing_utils.plot_2var_graph(
-            points, metric, title=f"L0 vs {label}", y_label=label, output_filename=path,
+            points,
+            metric,
+            title=f"L0 vs {label}",
+            y_label=label,
+            output_filename=path,
             return_fig=True,
         )
         plt.close("all")
@@ -362,8 +368,14 @@ def plot_consistency(records: dict[str, dict[str, dict[str, Any]]], plots_dir: s
                 if value is None:
                     continue
                 posthoc = recs[key].get("tree_source") != "native"
-                ax.bar(j + (i - 1) * width, value, width=width, color=f"C{i}",
-                       hatch="//" if posthoc else None, edgecolor="black")
+                ax.bar(
+                    j + (i - 1) * width,
+                    value,
+                    width=width,
+                    color=f"C{i}",
+                    hatch="//" if posthoc else None,
+                    edgecolor="black",
+                )
         ax.set_xticks(range(len(keys)), [f"{k}\n({recs[k].get('tree_source')})" for k in keys], fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("score")
@@ -392,10 +404,14 @@ def summary_plots(results: dict[str, Any], plots_dir: str | Path) -> list[tuple[
             by_eval.setdefault(eval_type, {})[name] = rows
     first_rows = next(iter(results["levels"].values()), {}).get("levelwise", [])
     made = plot_per_level(
-        by_eval, plots_dir,
-        metrics=(("levelwise", "l0", "L0 (active latents per token)"),
-                 ("levelwise", "prefix_explained_variance", "explained variance of levels 0..l")),
-        max_levels=len(first_rows) or 3, prefix="summary",
+        by_eval,
+        plots_dir,
+        metrics=(
+            ("levelwise", "l0", "L0 (active latents per token)"),
+            ("levelwise", "prefix_explained_variance", "explained variance of levels 0..l"),
+        ),
+        max_levels=len(first_rows) or 3,
+        prefix="summary",
     )
     points = {
         name: (m.get("core", {}).get("l0"), m.get("core", {}).get("explained_variance"))
@@ -421,6 +437,7 @@ def summary_plots(results: dict[str, Any], plots_dir: str | Path) -> list[tuple[
 
 
 # Reports
+
 
 def build_report(
     results_dir: str,
@@ -467,10 +484,31 @@ def build_report(
     lines.append("")
 
     for eval_type, cols in (
-        ("hierarchy", ["level", "n_latents", "hierarchical_consistency_score", "necessity", "coverage",
-                       "hamming_distance", "consistency_kl"]),
-        ("levelwise", ["level", "n_latents", "l0", "firing_density", "frac_dead", "prefix_explained_variance",
-                       "sparse_probing_top_1_test_accuracy", "autointerp_score"]),
+        (
+            "hierarchy",
+            [
+                "level",
+                "n_latents",
+                "hierarchical_consistency_score",
+                "necessity",
+                "coverage",
+                "hamming_distance",
+                "consistency_kl",
+            ],
+        ),
+        (
+            "levelwise",
+            [
+                "level",
+                "n_latents",
+                "l0",
+                "firing_density",
+                "frac_dead",
+                "prefix_explained_variance",
+                "sparse_probing_top_1_test_accuracy",
+                "autointerp_score",
+            ],
+        ),
     ):
         if not details.get(eval_type):
             continue
@@ -518,20 +556,26 @@ def summary_markdown(
     lines += ["```bash", command, "```", ""]
     lines += list(notes) + ([""] if notes else [])
     lines += ["## Run", ""]
-    lines += md_table(["", ""], [
-        ["model", cfg.get("model")],
-        ["hook", cfg.get("hook")],
-        ["text", cfg.get("text")],
-        ["training tokens", cfg.get("training_tokens")],
-        ["width (d_sae)", cfg.get("d_sae")],
-        ["HSAE level widths", cfg.get("level_widths")],
-        ["L0 (k) of every SAE", cfg.get("l0")],
-        ["HSAE config overrides", cfg.get("set") or "none"],
-        ["machine", f"{machine.get('cpu')}, {machine.get('cores')} cores, "
-                    f"{machine.get('memory_gib')} GiB, torch threads {machine.get('torch_threads')}"
-                    + (f", GPU {machine['gpu']}" if machine.get("gpu") else "")],
-        ["load average (1/5/15 min) at start → end", f"{load.get('start')} → {load.get('end')}"],
-    ]) + [""]
+    lines += md_table(
+        ["", ""],
+        [
+            ["model", cfg.get("model")],
+            ["hook", cfg.get("hook")],
+            ["text", cfg.get("text")],
+            ["training tokens", cfg.get("training_tokens")],
+            ["width (d_sae)", cfg.get("d_sae")],
+            ["HSAE level widths", cfg.get("level_widths")],
+            ["L0 (k) of every SAE", cfg.get("l0")],
+            ["HSAE config overrides", cfg.get("set") or "none"],
+            [
+                "machine",
+                f"{machine.get('cpu')}, {machine.get('cores')} cores, "
+                f"{machine.get('memory_gib')} GiB, torch threads {machine.get('torch_threads')}"
+                + (f", GPU {machine['gpu']}" if machine.get("gpu") else ""),
+            ],
+            ["load average (1/5/15 min) at start → end", f"{load.get('start')} → {load.get('end')}"],
+        ],
+    ) + [""]
     lines += ["## Times (seconds)", ""]
     lines += md_table(["phase", "s"], [[k, round(v, 1)] for k, v in timings.items()]) + [""]
 
@@ -572,9 +616,10 @@ def summary_markdown(
                 note = f" (post-hoc tree {len(rows)} levels deep; the first {n_show} shown, all in results.json)"
                 rows = rows[:n_show]
             lines += [f"**{n}**{note}", ""]
-            lines += md_table(["level", "n_latents", *cols],
-                               [[r.get("level"), r.get("n_latents"),
-                                 *[r.get(c) for c in cols]] for r in rows]) + [""]
+            lines += md_table(
+                ["level", "n_latents", *cols],
+                [[r.get("level"), r.get("n_latents"), *[r.get(c) for c in cols]] for r in rows],
+            ) + [""]
     if status:
         lines += ["## Evals", ""] + md_table(["eval", "status"], sorted(status.items())) + [""]
     lines += ["## Files", ""]
@@ -605,6 +650,7 @@ def stdout_summary(results: dict[str, Any], timings: dict[str, float], out: Path
 
 
 # tree.md
+
 
 def _clean(text: str) -> str:
     return text.replace("\r", "").replace("\n", "⏎").replace("`", "'")
@@ -729,8 +775,9 @@ def tree_markdown(
             chosen += [c, *grand]
         plan.append((r, entry))
         chosen.append(r)
-    stats, _ = latent_stats(sae, model, tokens, hook_name, sorted(set(chosen)), n_snippets, window,
-                            batch_prompts, acts=acts)
+    stats, _ = latent_stats(
+        sae, model, tokens, hook_name, sorted(set(chosen)), n_snippets, window, batch_prompts, acts=acts
+    )
 
     def describe(j: int) -> str:
         s = stats[j]
@@ -746,7 +793,9 @@ def tree_markdown(
     lines += [
         f"{n} held-out prompts of {ctx} tokens ({n_kept} tokens without BOS/EOS/PAD). Latents that "
         f"fire at all on them, per level: "
-        + ", ".join(f"level {lv}: {c}/{sl.stop - sl.start}" for lv, (c, sl) in enumerate(zip(level_fire, sae.level_slices)))
+        + ", ".join(
+            f"level {lv}: {c}/{sl.stop - sl.start}" for lv, (c, sl) in enumerate(zip(level_fire, sae.level_slices))
+        )
         + ".",
         "",
         f"The {len(roots)} most frequent roots, each with its {n_children} most frequent children and "
@@ -769,5 +818,3 @@ def tree_markdown(
         lines.append("")
         as_json.append({**asdict(stats[r]), "children": kid_json})
     return "\n".join(lines), as_json
-
-

@@ -45,5 +45,6 @@ class HierarchicalSAE(TreeAccess, JumpReLUSAE):
         if "topk_threshold" in state_dict:  # a training checkpoint loads as an inference SAE
             raise state_io.HierarchicalSAELoadError(
                 "sae_weights.safetensors is a training checkpoint; load it with "
-                "TrainingSAE.load_from_disk, or save it for inference with save_inference_model")
+                "TrainingSAE.load_from_disk, or save it for inference with save_inference_model"
+            )
         state_io.check_loaded_state(self, state_dict)

@@ -48,7 +48,7 @@ class TreeSchedule:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.steps_done = int(state.get(f"{PREFIX}steps", torch.tensor(0)))
-        self.counts.load({k[len(PREFIX):]: v for k, v in state.items() if k != f"{PREFIX}steps"})
+        self.counts.load({k[len(PREFIX) :]: v for k, v in state.items() if k != f"{PREFIX}steps"})
 
 
 def pop_schedule_state(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -30,18 +30,21 @@ def check_loaded_state(module: nn.Module, state_dict: dict[str, Any], skip: tupl
     if missing or unexpected:
         raise HierarchicalSAELoadError(
             f"sae_weights.safetensors does not match cfg.json ({fields}): missing tensors {missing}, "
-            f"unexpected tensors {unexpected}")
+            f"unexpected tensors {unexpected}"
+        )
     for name, shape in expected.items():
         got = tuple(state_dict[name].shape)
         if got != shape:
             raise HierarchicalSAELoadError(
                 f"sae_weights.safetensors: tensor {name!r} has shape {list(got)} but cfg.json ({fields}) "
-                f"implies {list(shape)}")
+                f"implies {list(shape)}"
+            )
     for name, tensor in state_dict.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise HierarchicalSAELoadError(
                 f"sae_weights.safetensors: tensor {name!r} holds {int((~torch.isfinite(tensor)).sum())} "
-                "NaN/inf values (saved from a diverged run, or the file is damaged)")
+                "NaN/inf values (saved from a diverged run, or the file is damaged)"
+            )
     if "tree_parent" in state_dict:
         state_dict["tree_parent"] = state_dict["tree_parent"].long()  # loaders may cast to cfg dtype
         check_tree(state_dict["tree_parent"], cfg)
@@ -60,11 +63,12 @@ def check_tree(parent: torch.Tensor, cfg: Any) -> None:
             raise HierarchicalSAELoadError(
                 f"sae_weights.safetensors: tensor 'tree_parent' gives latent {j} (level {level}) the "
                 f"parent {int(t[j])}; a level-{level} latent's parent must be -1"
-                + ("" if level == 0 else f" or in [{lo}, {hi}]"))
+                + ("" if level == 0 else f" or in [{lo}, {hi}]")
+            )
     if getattr(cfg, "tree", "learned") == "fixed" and not torch.equal(t, fixed_parents(cfg.level_widths)):
         raise HierarchicalSAELoadError(
-            "sae_weights.safetensors: tensor 'tree_parent' is not the fixed layout but cfg.json has "
-            "tree: fixed")
+            "sae_weights.safetensors: tensor 'tree_parent' is not the fixed layout but cfg.json has tree: fixed"
+        )
     del levels
 
 
@@ -82,5 +86,6 @@ def inference_to_training_state(state_dict: dict[str, Any], cfg: Any) -> None:
         if tuple(thr.shape) != (cfg.d_sae,):
             raise HierarchicalSAELoadError(
                 f"sae_weights.safetensors: tensor 'threshold' has shape {list(thr.shape)} but cfg.json "
-                f"(d_sae={cfg.d_sae}) implies [{cfg.d_sae}]")
+                f"(d_sae={cfg.d_sae}) implies [{cfg.d_sae}]"
+            )
         state_dict["topk_threshold"] = torch.stack([thr[sl.start] for sl in cfg.level_slices]).double()

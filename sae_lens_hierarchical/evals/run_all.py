@@ -142,9 +142,13 @@ def run_all_evals(
     probing = ("sparse_probing" in evals) and (local_probe or "sparse_probing" in explicit)
 
     shared = dict(
-        model_name=model.cfg.model_name, dataset_name=s.dataset_name, context_size=s.context_size,
-        n_eval_prompts=s.n_eval_prompts, batch_size_prompts=s.batch_size_prompts,
-        llm_dtype=s.llm_dtype, random_seed=s.random_seed,
+        model_name=model.cfg.model_name,
+        dataset_name=s.dataset_name,
+        context_size=s.context_size,
+        n_eval_prompts=s.n_eval_prompts,
+        batch_size_prompts=s.batch_size_prompts,
+        llm_dtype=s.llm_dtype,
+        random_seed=s.random_seed,
     )
 
     def out(name: str) -> str:
@@ -154,14 +158,24 @@ def run_all_evals(
         print(f"== {name}")
         if name == "hierarchy":
             widths = list(s.posthoc_level_widths) if s.posthoc_level_widths is not None else None
-            hierarchy.run_eval(HierarchyEvalConfig(**shared, posthoc_level_widths=widths), saes, device, out(name),
-                               force_rerun, model, dataset)
+            hierarchy.run_eval(
+                HierarchyEvalConfig(**shared, posthoc_level_widths=widths),
+                saes,
+                device,
+                out(name),
+                force_rerun,
+                model,
+                dataset,
+            )
         elif name == "levelwise":
             cfg = LevelwiseEvalConfig(
-                **shared, run_sparse_probing=probing,
+                **shared,
+                run_sparse_probing=probing,
                 sparse_probing_dataset_names=list(s.probe_datasets),
-                probe_train_set_size=s.probe_train_set_size, probe_test_set_size=s.probe_test_set_size,
-                probe_context_length=s.probe_context_length, probe_k_values=list(s.probe_k_values),
+                probe_train_set_size=s.probe_train_set_size,
+                probe_test_set_size=s.probe_test_set_size,
+                probe_context_length=s.probe_context_length,
+                probe_k_values=list(s.probe_k_values),
                 autointerp_api_key_env=s.api_key_env,
             )
             with working_dir(probe_dir if probing else None):
@@ -176,16 +190,26 @@ def run_all_evals(
 
                 core_data = Dataset.from_dict({"tokens": dataset.tolist()})
             stock.run_core(
-                saes, model, core_data, out(name), device, dataset_name=s.dataset_name,  # type: ignore[arg-type]
-                context_size=s.context_size, batch_size_prompts=s.batch_size_prompts,
+                saes,
+                model,
+                core_data,
+                out(name),
+                device,
+                dataset_name=s.dataset_name,  # type: ignore[arg-type]
+                context_size=s.context_size,
+                batch_size_prompts=s.batch_size_prompts,
                 n_eval_reconstruction_batches=s.core_batches,
                 n_eval_sparsity_variance_batches=s.core_sparsity_batches or s.core_batches,
                 exclude_special_tokens_from_reconstruction=model.tokenizer is not None,
-                llm_dtype=s.llm_dtype, force_rerun=force_rerun, shuffle_seed=s.random_seed,
+                llm_dtype=s.llm_dtype,
+                force_rerun=force_rerun,
+                shuffle_seed=s.random_seed,
             )
         elif name == "meta_structure":
             stock.run_meta_structure(
-                saes, out(name), device,
+                saes,
+                out(name),
+                device,
                 MetaStructureEvalConfig(train_steps=s.meta_structure_steps, random_seed=s.random_seed),
                 force_rerun,
             )
@@ -195,27 +219,43 @@ def run_all_evals(
                 print(status[name])
                 continue
             cfg = SparseProbingEvalConfig(
-                random_seed=s.random_seed, dataset_names=list(s.probe_datasets),
-                probe_train_set_size=s.probe_train_set_size, probe_test_set_size=s.probe_test_set_size,
-                context_length=s.probe_context_length, k_values=list(s.probe_k_values),
-                llm_batch_size=s.batch_size_prompts, llm_dtype=s.llm_dtype,
+                random_seed=s.random_seed,
+                dataset_names=list(s.probe_datasets),
+                probe_train_set_size=s.probe_train_set_size,
+                probe_test_set_size=s.probe_test_set_size,
+                context_length=s.probe_context_length,
+                k_values=list(s.probe_k_values),
+                llm_batch_size=s.batch_size_prompts,
+                llm_dtype=s.llm_dtype,
                 model_name=model.cfg.model_name,
             )
             with working_dir(probe_dir):
                 stock.run_sparse_probing(saes, model, out(name), device, cfg, force_rerun, artifacts_path)
         elif name == "absorption":
-            words = s.absorption_words if s.absorption_words is not None else (
-                stock.CPU_N_WORDS if str(device).startswith("cpu") else None)
+            words = (
+                s.absorption_words
+                if s.absorption_words is not None
+                else (stock.CPU_N_WORDS if str(device).startswith("cpu") else None)
+            )
             with working_dir(common.output_dir(artifacts_path)):  # its per-SAE json goes to ./artifacts/absorption
                 if words is None:
-                    cfg = AbsorptionEvalConfig(model_name=model.cfg.model_name, llm_dtype=s.llm_dtype,
-                                               random_seed=s.random_seed)
+                    cfg = AbsorptionEvalConfig(
+                        model_name=model.cfg.model_name, llm_dtype=s.llm_dtype, random_seed=s.random_seed
+                    )
                     res = stock.run_absorption(saes, model, out(name), device, cfg, force_rerun, artifacts_path)
                 else:
                     cfg = stock.cpu_absorption_config(model.cfg.model_name, llm_dtype=s.llm_dtype)
-                    res = stock.run_cpu_absorption(saes, model, out(name), n_words=words, seed=s.random_seed,
-                                                   config=cfg, artifacts_path=artifacts_path, device=device,
-                                                   force_rerun=force_rerun)
+                    res = stock.run_cpu_absorption(
+                        saes,
+                        model,
+                        out(name),
+                        n_words=words,
+                        seed=s.random_seed,
+                        config=cfg,
+                        artifacts_path=artifacts_path,
+                        device=device,
+                        force_rerun=force_rerun,
+                    )
             if res is None:
                 status[name] = "skipped: SAE-Bench found too few first-letter features in this model"
                 continue

@@ -86,7 +86,8 @@ def run_core(
     tok = model.tokenizer
     ignore: set[int | None] = (
         {int(t) for t in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) if t is not None}  # type: ignore[arg-type]
-        if tok is not None else set()
+        if tok is not None
+        else set()
     )
     written: dict[str, str] = {}
     for release, sae_object_or_id in selected_saes:
@@ -115,8 +116,13 @@ def run_core(
             llm_dtype=llm_dtype,
         )
         store = ActivationsStore.from_sae(
-            model, sae, context_size=context_size, dataset=dataset, dataset_trust_remote_code=True,
-            store_batch_size_prompts=batch_size_prompts, device=device,
+            model,
+            sae,
+            context_size=context_size,
+            dataset=dataset,
+            dataset_trust_remote_code=True,
+            store_batch_size_prompts=batch_size_prompts,
+            device=device,
         )
         store.shuffle_input_dataset(seed=shuffle_seed)
         eval_metrics: dict[str, Any] = {
@@ -126,7 +132,11 @@ def run_core(
             "eval_cfg": cfg,
         }
         scalar_metrics, feature_metrics = core.run_evals(
-            sae=sae, activation_store=store, model=model, eval_config=cfg, ignore_tokens=ignore,
+            sae=sae,
+            activation_store=store,
+            model=model,
+            eval_config=cfg,
+            ignore_tokens=ignore,
         )
         eval_metrics["metrics"] = scalar_metrics
         eval_metrics["metrics"]["misc_metrics"] = core.calculate_misc_metrics(feature_metrics)
@@ -160,8 +170,7 @@ def run_sparse_probing(
     config.llm_dtype = config.llm_dtype or "float32"
     config.llm_batch_size = config.llm_batch_size or 16
     with provided_model(sp, model):
-        return sp.run_eval(config, list(selected_saes), device, output_path, force_rerun,
-                           artifacts_path=artifacts_path)
+        return sp.run_eval(config, list(selected_saes), device, output_path, force_rerun, artifacts_path=artifacts_path)
 
 
 def run_meta_structure(
@@ -241,10 +250,12 @@ def run_autointerp(
     grad = torch.is_grad_enabled()
     try:
         with provided_model(ai, model):
-            return ai.run_eval(config, list(selected_saes), device, api_key, output_path, force_rerun,
-                               artifacts_path=artifacts_path)
+            return ai.run_eval(
+                config, list(selected_saes), device, api_key, output_path, force_rerun, artifacts_path=artifacts_path
+            )
     finally:
         torch.set_grad_enabled(grad)
+
 
 # ----------------------------------------------------------------------------------------------
 # Absorption at CPU size
@@ -320,8 +331,13 @@ def run_cpu_absorption(
     config = config or cpu_absorption_config()
     with patches.vocab_sample(n_words, seed), patches.reseed_each_stage(seed), patches.stop_at_hook_layer(model):
         return run_absorption(
-            selected_saes, model, output_path, device=device, config=config,
-            force_rerun=force_rerun, artifacts_path=artifacts_dir(artifacts_path, n_words, seed),
+            selected_saes,
+            model,
+            output_path,
+            device=device,
+            config=config,
+            force_rerun=force_rerun,
+            artifacts_path=artifacts_dir(artifacts_path, n_words, seed),
         )
 
 
@@ -348,11 +364,19 @@ def train_gt_probe(
     probes_dir = os.path.join(artifacts_dir(artifacts_path, n_words, seed), "absorption", "probes")
     probe = os.path.join(probes_dir, model.cfg.model_name, f"layer_{layer}", "probe.pth")
     if not os.path.exists(probe):
-        with patches.vocab_sample(n_words, seed), patches.reseed_each_stage(seed), \
-                patches.stop_at_hook_layer(model), torch.enable_grad():
+        with (
+            patches.vocab_sample(n_words, seed),
+            patches.reseed_each_stage(seed),
+            patches.stop_at_hook_layer(model),
+            torch.enable_grad(),
+        ):
             common.train_and_save_probes(
-                model, layers=[layer], base_template=config.prompt_template,
-                pos_idx=config.prompt_token_pos, probes_dir=probes_dir, device="cpu",
+                model,
+                layers=[layer],
+                base_template=config.prompt_template,
+                pos_idx=config.prompt_token_pos,
+                probes_dir=probes_dir,
+                device="cpu",
             )
     return gt_probe_stats(probes_dir, model.cfg.model_name, layer)
 

@@ -124,7 +124,8 @@ def _check_cfg(cfg_dict: Any, cfg_path: Path) -> None:
             )
         return
     training_only = {f.name for f in dataclasses.fields(HierarchicalTrainingSAEConfig)} - {
-        f.name for f in dataclasses.fields(HierarchicalSAEConfig)}
+        f.name for f in dataclasses.fields(HierarchicalSAEConfig)
+    }
     cls = HierarchicalTrainingSAEConfig if training_only & set(cfg_dict) else HierarchicalSAEConfig
     try:
         cls.from_dict(dict(cfg_dict))
@@ -134,8 +135,9 @@ def _check_cfg(cfg_dict: Any, cfg_path: Path) -> None:
 
 def _wrap_config_reader(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
-    def get_sae_lens_config_from_disk(path: str | Path, device: str | None = None,
-                                      cfg_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    def get_sae_lens_config_from_disk(
+        path: str | Path, device: str | None = None, cfg_overrides: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         cfg_path = Path(path) / "cfg.json"
         try:
             cfg_dict = original(path, device, cfg_overrides)
@@ -153,8 +155,9 @@ def _wrap_weights_reader(original: Callable[..., Any]) -> Callable[..., Any]:
     from sae_lens_hierarchical.state_io import HierarchicalSAELoadError
 
     @functools.wraps(original)
-    def read_sae_components_from_disk(cfg_dict: dict[str, Any], weight_path: str | Path,
-                                      *args: Any, **kwargs: Any) -> Any:
+    def read_sae_components_from_disk(
+        cfg_dict: dict[str, Any], weight_path: str | Path, *args: Any, **kwargs: Any
+    ) -> Any:
         if cfg_dict.get("architecture") != ARCHITECTURE:
             return original(cfg_dict, weight_path, *args, **kwargs)
         path = Path(weight_path)
@@ -184,8 +187,10 @@ def _install_loading_errors() -> None:
     do not fit cfg.json are caught by the SAE classes themselves (`state_io.check_loaded_state`)."""
     from sae_lens.loading import pretrained_sae_loaders as loaders
 
-    for name, wrap in (("get_sae_lens_config_from_disk", _wrap_config_reader),
-                       ("read_sae_components_from_disk", _wrap_weights_reader)):
+    for name, wrap in (
+        ("get_sae_lens_config_from_disk", _wrap_config_reader),
+        ("read_sae_components_from_disk", _wrap_weights_reader),
+    ):
         current = getattr(loaders, name, None)
         if current is None or hasattr(current, _WRAPPED):
             continue  # a future SAELens renamed it (its own messages then apply), or done already
@@ -408,8 +413,11 @@ def reseed_each_stage(seed: int) -> Iterator[None]:
     from sae_bench.evals.absorption import common
     from sae_bench.evals.absorption import main as ab
 
-    targets = [(common, "train_and_save_probes"), (ab, "run_k_sparse_probing_experiment"),
-               (ab, "run_feature_absortion_experiment")]
+    targets = [
+        (common, "train_and_save_probes"),
+        (ab, "run_k_sparse_probing_experiment"),
+        (ab, "run_feature_absortion_experiment"),
+    ]
     originals = [getattr(m, name) for m, name in targets]
 
     def reseeding(fn: Any) -> Any:
@@ -465,5 +473,3 @@ def stop_at_hook_layer(model: Any) -> Iterator[None]:
             model.run_with_cache = original
         else:
             del model.run_with_cache
-
-

@@ -194,7 +194,7 @@ def measure(sae: Any, activations: Any, batch_size: int = 4096) -> dict[str, flo
     l0_sum, n = 0.0, 0
     with torch.no_grad():
         for start in range(0, x_all.shape[0], batch_size):
-            x = x_all[start:start + batch_size].to(sae.device, sae.dtype)
+            x = x_all[start : start + batch_size].to(sae.device, sae.dtype)
             acts = sae.encode(x)
             calc.add_batch(sae_output=sae.decode(acts), hidden_acts=x)
             l0_sum += (acts != 0).sum().item()
@@ -292,9 +292,7 @@ def publish(
             raise ValueError(f"publish: SAE id {sae_id!r} must be a relative folder name in the repo")
         sae = SAE.load_from_disk(str(directory))
         if sae.cfg.architecture() != ARCHITECTURE:
-            raise ValueError(
-                f"publish: {directory} holds a {sae.cfg.architecture()!r} SAE, not {ARCHITECTURE!r}"
-            )
+            raise ValueError(f"publish: {directory} holds a {sae.cfg.architecture()!r} SAE, not {ARCHITECTURE!r}")
         info: dict[str, Any] = {"path": sae_id}
         acts = activations.get(sae_id) if isinstance(activations, Mapping) else activations
         if acts is not None:

@@ -72,13 +72,13 @@ def find_checkpoint(path: str | Path) -> Path:
         return path
     candidates = [p for p in path.iterdir() if p.is_dir() and not _missing(p)]
     if candidates:
+
         def key(p: Path) -> tuple[int, float]:
             return (int(p.name) if p.name.isdigit() else -1, p.stat().st_mtime)
 
         return max(candidates, key=key)
     subdirs = [p for p in path.iterdir() if p.is_dir()]
-    where = (f"; its sub-directories lack them too ({', '.join(sorted(p.name for p in subdirs))})"
-             if subdirs else "")
+    where = f"; its sub-directories lack them too ({', '.join(sorted(p.name for p in subdirs))})" if subdirs else ""
     raise FileNotFoundError(
         f"checkpoint {path} is incomplete: missing {', '.join(_missing(path))}{where}. "
         "SAELens writes complete checkpoints when n_checkpoints > 0 (a Ctrl-C leaves a partial "

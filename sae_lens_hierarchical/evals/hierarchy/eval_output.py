@@ -148,8 +148,12 @@ class HierarchyLevelDetail(BaseResultDetail):
         title="P(child | parent)", description="Mean P(c on | p on) over the edges from this level whose parent fires."
     )
     coverage: float | None = Field(title="Coverage", description="Coverage of this level's parents.")
-    hamming_distance: float | None = Field(title="Hamming Distance", description="Hamming distance of this level's parents.")
-    hamming_per_token: float = Field(title="Hamming per Token", description="Mismatching parents of this level per token.")
+    hamming_distance: float | None = Field(
+        title="Hamming Distance", description="Hamming distance of this level's parents."
+    )
+    hamming_per_token: float = Field(
+        title="Hamming per Token", description="Mismatching parents of this level per token."
+    )
     consistency_kl: float | None = Field(
         title="Consistency KL",
         description="KL(pi_l || pooled level l+1) for this level (the overall KL is the sum over levels); None for the last level.",
@@ -161,9 +165,7 @@ class HierarchyLevelDetail(BaseResultDetail):
 
 
 @dataclass(config=ConfigDict(title="Hierarchy"))
-class HierarchyEvalOutput(
-    BaseEvalOutput[HierarchyEvalConfig, HierarchyMetricCategories, HierarchyLevelDetail]
-):
+class HierarchyEvalOutput(BaseEvalOutput[HierarchyEvalConfig, HierarchyMetricCategories, HierarchyLevelDetail]):
     # This will end up being the description of the eval in the UI.
     """
     Hierarchical consistency of an SAE's tree: the native tree of a hierarchical SAE, the

@@ -177,22 +177,24 @@ def compute_hierarchy_metrics(sae: Any, x: torch.Tensor, config: HierarchyEvalCo
     per_level = []
     for lv in range(tree.n_levels):
         s = hc["per_level"].get(str(lv), {})
-        per_level.append({
-            "level": lv,
-            "n_latents": int((tree.levels == lv).sum()),
-            "outside_tree_latents": int((outside & (tree.levels == lv)).sum()),
-            "hierarchical_consistency_score": s.get("hcs"),
-            "necessity": s.get("necessity"),
-            "p_child_given_parent": rates.mean(edge_level == lv),
-            "coverage": s.get("coverage"),
-            "hamming_distance": s.get("hamming"),
-            "hamming_per_token": s.get("hamming_per_token", 0.0),
-            "consistency_kl": kls.get(lv),
-            "n_edges": s.get("n_edges", 0),
-            "n_parents": s.get("n_parents", 0),
-            "n_edges_scored": s.get("n_edges_scored", 0),
-            "n_parents_scored": s.get("n_parents_scored", 0),
-        })
+        per_level.append(
+            {
+                "level": lv,
+                "n_latents": int((tree.levels == lv).sum()),
+                "outside_tree_latents": int((outside & (tree.levels == lv)).sum()),
+                "hierarchical_consistency_score": s.get("hcs"),
+                "necessity": s.get("necessity"),
+                "p_child_given_parent": rates.mean(edge_level == lv),
+                "coverage": s.get("coverage"),
+                "hamming_distance": s.get("hamming"),
+                "hamming_per_token": s.get("hamming_per_token", 0.0),
+                "consistency_kl": kls.get(lv),
+                "n_edges": s.get("n_edges", 0),
+                "n_parents": s.get("n_parents", 0),
+                "n_edges_scored": s.get("n_edges_scored", 0),
+                "n_parents_scored": s.get("n_parents_scored", 0),
+            }
+        )
 
     widths = [int((level_tree.levels == lv).sum()) for lv in range(level_tree.n_levels)]
     level_posthoc = {
@@ -258,9 +260,7 @@ def run_eval(
     Returns {"<release>_<sae_id>": output as a dict}; each is also written to
     `<output_path>/<release>_<sae_id>_eval_results.json`.
     """
-    return common.run_eval_loop(
-        config, selected_saes, device, output_path, force_rerun, _evaluate, model, dataset
-    )
+    return common.run_eval_loop(config, selected_saes, device, output_path, force_rerun, _evaluate, model, dataset)
 
 
 def arg_parser() -> argparse.ArgumentParser:
@@ -269,8 +269,13 @@ def arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tree_source", type=str, default=None, choices=list(common.TREE_SOURCES))
     parser.add_argument("--posthoc_tau", type=float, default=None)
     parser.add_argument("--tree_fit_fraction", type=float, default=None)
-    parser.add_argument("--posthoc_level_widths", type=int, nargs="+", default=None,
-                        help="Level widths of a flat SAE's level post-hoc tree (default: 1:4:16 of d_sae)")
+    parser.add_argument(
+        "--posthoc_level_widths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Level widths of a flat SAE's level post-hoc tree (default: 1:4:16 of d_sae)",
+    )
     return parser
 
 
@@ -279,9 +284,13 @@ def main(argv: list[str] | None = None) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     selected = common.selected_saes_from_args(args)
     config = common.config_from_args(
-        HierarchyEvalConfig, args, selected,
-        tree_source=args.tree_source, posthoc_tau=args.posthoc_tau,
-        tree_fit_fraction=args.tree_fit_fraction, posthoc_level_widths=args.posthoc_level_widths,
+        HierarchyEvalConfig,
+        args,
+        selected,
+        tree_source=args.tree_source,
+        posthoc_tau=args.posthoc_tau,
+        tree_fit_fraction=args.tree_fit_fraction,
+        posthoc_level_widths=args.posthoc_level_widths,
     )
     start = time.time()
     run_eval(config, selected, device, args.output_folder, args.force_rerun)

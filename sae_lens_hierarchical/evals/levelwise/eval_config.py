@@ -41,7 +41,9 @@ class LevelwiseEvalConfig(TreeEvalConfig):
         title="Probe K Values",
         description="Numbers of latents the k-sparse probes may use; each must be one of 1, 2, 5, 10, 20, 50.",
     )
-    probe_sae_batch_size: int = Field(default=125, title="Probe SAE Batch Size", description="SAE batch size while probing.")
+    probe_sae_batch_size: int = Field(
+        default=125, title="Probe SAE Batch Size", description="SAE batch size while probing."
+    )
     run_autointerp: bool = Field(
         default=True,
         title="Run Autointerp",

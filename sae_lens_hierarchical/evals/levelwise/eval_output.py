@@ -87,7 +87,10 @@ class LevelwiseLevelDetail(BaseResultDetail):
     level: int = Field(title="Level", description="0 = roots.")
     n_latents: int = Field(title="Latents", description="Latents at this level.")
     l0: float = Field(title="L0", description="Mean active latents of this level per token.")
-    firing_density: float = Field(title="Firing Density", description="Mean over the level's latents of the fraction of tokens each fires on (= l0 / n_latents).")
+    firing_density: float = Field(
+        title="Firing Density",
+        description="Mean over the level's latents of the fraction of tokens each fires on (= l0 / n_latents).",
+    )
     dead_latents: int = Field(title="Dead Latents", description="Latents of this level that never fire.")
     frac_dead: float = Field(title="Fraction Dead", description="dead_latents / n_latents.")
     prefix_explained_variance: float = Field(
@@ -96,13 +99,19 @@ class LevelwiseLevelDetail(BaseResultDetail):
     )
     prefix_mse: float = Field(title="Prefix MSE", description="Mean ||x - x_hat_{<=level}||^2 per token.")
     outside_tree_latents: int = Field(
-        default=0, title="Latents Outside the Tree", description="Latents of this level without a parent (never at level 0)."
+        default=0,
+        title="Latents Outside the Tree",
+        description="Latents of this level without a parent (never at level 0).",
     )
     outside_tree_l0: float = Field(
-        default=0.0, title="Outside-Tree L0", description="Mean active latents of this level outside the tree per token."
+        default=0.0,
+        title="Outside-Tree L0",
+        description="Mean active latents of this level outside the tree per token.",
     )
     outside_tree_l0_share: float | None = Field(
-        default=None, title="Outside-Tree L0 Share", description="outside_tree_l0 / l0 of this level (None when l0 is 0)."
+        default=None,
+        title="Outside-Tree L0 Share",
+        description="outside_tree_l0 / l0 of this level (None when l0 is 0).",
     )
     outside_tree_explained_variance_share: float | None = Field(
         default=None,
@@ -113,23 +122,29 @@ class LevelwiseLevelDetail(BaseResultDetail):
         ),
     )
     sparse_probing_test_accuracy: float | None = Field(
-        default=None, title="Sparse Probing Accuracy", description="Probe on all of this level's latents (SAE-Bench sparse probing)."
+        default=None,
+        title="Sparse Probing Accuracy",
+        description="Probe on all of this level's latents (SAE-Bench sparse probing).",
     )
-    sparse_probing_top_1_test_accuracy: float | None = Field(default=None, title="Top 1", description="k-sparse probe, k = 1, this level's latents only.")
+    sparse_probing_top_1_test_accuracy: float | None = Field(
+        default=None, title="Top 1", description="k-sparse probe, k = 1, this level's latents only."
+    )
     sparse_probing_top_2_test_accuracy: float | None = Field(default=None, title="Top 2", description="k = 2.")
     sparse_probing_top_5_test_accuracy: float | None = Field(default=None, title="Top 5", description="k = 5.")
     sparse_probing_top_10_test_accuracy: float | None = Field(default=None, title="Top 10", description="k = 10.")
     sparse_probing_top_20_test_accuracy: float | None = Field(default=None, title="Top 20", description="k = 20.")
     sparse_probing_top_50_test_accuracy: float | None = Field(default=None, title="Top 50", description="k = 50.")
-    autointerp_score: float | None = Field(default=None, title="Autointerp Score", description="Mean score of the judged latents of this level.")
-    autointerp_std_dev: float | None = Field(default=None, title="Autointerp Std Dev", description="Their standard deviation.")
+    autointerp_score: float | None = Field(
+        default=None, title="Autointerp Score", description="Mean score of the judged latents of this level."
+    )
+    autointerp_std_dev: float | None = Field(
+        default=None, title="Autointerp Std Dev", description="Their standard deviation."
+    )
     autointerp_n_latents: int = Field(default=0, title="Autointerp Latents", description="Latents judged.")
 
 
 @dataclass(config=ConfigDict(title="Levelwise"))
-class LevelwiseEvalOutput(
-    BaseEvalOutput[LevelwiseEvalConfig, LevelwiseMetricCategories, LevelwiseLevelDetail]
-):
+class LevelwiseEvalOutput(BaseEvalOutput[LevelwiseEvalConfig, LevelwiseMetricCategories, LevelwiseLevelDetail]):
     # This will end up being the description of the eval in the UI.
     """
     The standard SAE metrics broken down per level of the tree (native levels of a

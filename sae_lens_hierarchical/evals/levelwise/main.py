@@ -109,9 +109,7 @@ def _ev_share(err_full: float, err_without: float, total_var: float) -> float | 
 
 
 @torch.no_grad()
-def activation_metrics(
-    sae: Any, x: torch.Tensor, tree: common.Tree
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def activation_metrics(sae: Any, x: torch.Tensor, tree: common.Tree) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """L0, density, dead latents, prefix reconstruction and the latents outside the tree, per
     level, on tokens `x` [N, d_in].
 
@@ -164,23 +162,25 @@ def activation_metrics(
         dead = int((fires[in_level] == 0).sum())
         out_lv = outside & in_level
         out_l0 = float(fires[out_lv].sum()) / n
-        rows.append({
-            "level": lv,
-            "n_latents": n_lat,
-            "l0": l0,
-            "firing_density": l0 / n_lat if n_lat else 0.0,
-            "dead_latents": dead,
-            "frac_dead": dead / n_lat if n_lat else 0.0,
-            "prefix_explained_variance": _ev(float(err[lv]), total_var),
-            "prefix_mse": float(err[lv]) / n,
-            "outside_tree_latents": int(out_lv.sum()),
-            "outside_tree_l0": out_l0,
-            "outside_tree_l0_share": out_l0 / l0 if l0 > 0 else None,
-            "outside_tree_explained_variance_share": (
-                _ev_share(err_full, err_without[str(lv)], total_var) if str(lv) in err_without else 0.0
-            ),
-            "_fires": fires[in_level],
-        })
+        rows.append(
+            {
+                "level": lv,
+                "n_latents": n_lat,
+                "l0": l0,
+                "firing_density": l0 / n_lat if n_lat else 0.0,
+                "dead_latents": dead,
+                "frac_dead": dead / n_lat if n_lat else 0.0,
+                "prefix_explained_variance": _ev(float(err[lv]), total_var),
+                "prefix_mse": float(err[lv]) / n,
+                "outside_tree_latents": int(out_lv.sum()),
+                "outside_tree_l0": out_l0,
+                "outside_tree_l0_share": out_l0 / l0 if l0 > 0 else None,
+                "outside_tree_explained_variance_share": (
+                    _ev_share(err_full, err_without[str(lv)], total_var) if str(lv) in err_without else 0.0
+                ),
+                "_fires": fires[in_level],
+            }
+        )
     l0 = float(fires.sum()) / n
     out_l0 = float(fires[outside].sum()) / n
     overall = {
@@ -238,7 +238,12 @@ def sparse_probing_per_level(
         )
         try:
             results, _ = sp_main.run_eval_single_sae(
-                sp_cfg, LevelSubsetSAE(sae, latents), model, device, folder, save_activations=True  # type: ignore[arg-type]
+                sp_cfg,
+                LevelSubsetSAE(sae, latents),
+                model,
+                device,
+                folder,
+                save_activations=True,  # type: ignore[arg-type]
             )
         except Exception as e:  # noqa: BLE001  (data unavailable: record why and go on)
             if lv == 0:
@@ -314,13 +319,16 @@ def autointerp_per_level(
     for lv in range(tree.n_levels):
         scores = [float(results[j]["score"]) for j in chosen[lv] if j in results]  # type: ignore[index]
         t = torch.tensor(scores, dtype=torch.double)
-        rows.append({
-            "autointerp_score": float(t.mean()) if scores else None,
-            "autointerp_std_dev": float(t.std()) if len(scores) > 1 else None,
-            "autointerp_n_latents": len(scores),
-        })
+        rows.append(
+            {
+                "autointerp_score": float(t.mean()) if scores else None,
+                "autointerp_std_dev": float(t.std()) if len(scores) > 1 else None,
+                "autointerp_n_latents": len(scores),
+            }
+        )
     unstructured = {
-        str(j): {k: v for k, v in r.items() if k != "logs"} for j, r in results.items()  # type: ignore[union-attr]
+        str(j): {k: v for k, v in r.items() if k != "logs"}
+        for j, r in results.items()  # type: ignore[union-attr]
     }
     return rows, {"latents": unstructured}
 
@@ -367,9 +375,7 @@ def run_eval_single_sae(
             notes["autointerp"] = ai_notes
             for row, extra in zip(rows, ai_rows):
                 row.update(extra)
-            scores = [
-                float(v["score"]) for v in ai_notes.get("latents", {}).values()
-            ]
+            scores = [float(v["score"]) for v in ai_notes.get("latents", {}).values()]
     else:
         notes["autointerp"] = {"skipped": "not run (run_autointerp=False)"}
 
@@ -431,7 +437,10 @@ def main(argv: list[str] | None = None) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     selected = common.selected_saes_from_args(args)
     config = common.config_from_args(
-        LevelwiseEvalConfig, args, selected, tree_source=args.tree_source,
+        LevelwiseEvalConfig,
+        args,
+        selected,
+        tree_source=args.tree_source,
         run_sparse_probing=False if args.no_sparse_probing else None,
         run_autointerp=False if args.no_autointerp else None,
     )

@@ -19,8 +19,12 @@ EVAL_TYPE_ID_PATH_ATTRIBUTION = "path_attribution"
 class PathAttributionMetrics(BaseMetrics):
     tree_source: str = Field(title="Tree Source", description="'native' or 'posthoc' paths.")
     n_paths: int = Field(title="Paths", description="(input, latent) pairs attributed.")
-    n_skipped: int = Field(default=0, title="Skipped", description="Requested (text, latent) pairs where the latent never fires.")
-    mean_path_length: float | None = Field(default=None, title="Mean Path Length", description="Nodes per path, root and target included.")
+    n_skipped: int = Field(
+        default=0, title="Skipped", description="Requested (text, latent) pairs where the latent never fires."
+    )
+    mean_path_length: float | None = Field(
+        default=None, title="Mean Path Length", description="Nodes per path, root and target included."
+    )
     reconstruction_root_share: float | None = Field(
         default=None,
         title="Reconstruction Root Share",
@@ -33,15 +37,23 @@ class PathAttributionMetrics(BaseMetrics):
         description="Mean share carried by the target latent itself (the path's last node).",
         json_schema_extra=DEFAULT_DISPLAY,
     )
-    probe_root_share: float | None = Field(default=None, title="Probe Root Share", description="Mean share of the path's probe projection carried by the root.")
-    probe_target_share: float | None = Field(default=None, title="Probe Target Share", description="Mean share carried by the target latent.")
+    probe_root_share: float | None = Field(
+        default=None,
+        title="Probe Root Share",
+        description="Mean share of the path's probe projection carried by the root.",
+    )
+    probe_target_share: float | None = Field(
+        default=None, title="Probe Target Share", description="Mean share carried by the target latent."
+    )
     logit_root_share: float | None = Field(
         default=None,
         title="Logit Root Share",
         description="Mean share of the path's gradient x activation on the target logit carried by the root.",
         json_schema_extra=DEFAULT_DISPLAY,
     )
-    logit_target_share: float | None = Field(default=None, title="Logit Target Share", description="Mean share carried by the target latent.")
+    logit_target_share: float | None = Field(
+        default=None, title="Logit Target Share", description="Mean share carried by the target latent."
+    )
     path_fraction_of_reconstruction: float | None = Field(
         default=None,
         title="Path Fraction of Reconstruction",
@@ -83,17 +95,32 @@ class PathAttributionDetail(BaseResultDetail):
         title="Reconstruction Contributions",
         description="(a_v W_dec[v]) . u with u the unit direction of the reconstruction (all latents, bias excluded).",
     )
-    reconstruction_total: float = Field(title="Reconstruction Total", description="The whole path's contribution (computed from the path's decode).")
-    reconstruction_shares: list[float | None] = Field(title="Reconstruction Shares", description="Contributions / total (None when the total is 0).")
-    probe_contributions: list[float] = Field(title="Probe Contributions", description="(a_v W_dec[v]) . probe direction (unit).")
+    reconstruction_total: float = Field(
+        title="Reconstruction Total", description="The whole path's contribution (computed from the path's decode)."
+    )
+    reconstruction_shares: list[float | None] = Field(
+        title="Reconstruction Shares", description="Contributions / total (None when the total is 0)."
+    )
+    probe_contributions: list[float] = Field(
+        title="Probe Contributions", description="(a_v W_dec[v]) . probe direction (unit)."
+    )
     probe_total: float = Field(title="Probe Total", description="The whole path's projection on the probe.")
     probe_shares: list[float | None] = Field(title="Probe Shares", description="Contributions / total.")
     logit_token: str = Field(title="Logit Token", description="The token whose logit is attributed.")
-    logit_contributions: list[float] = Field(title="Logit Contributions", description="Gradient x activation of each node on that logit, through the model.")
-    logit_total: float = Field(title="Logit Total", description="Gradient of the logit w.r.t. the reconstruction, dotted with the path's decode.")
+    logit_contributions: list[float] = Field(
+        title="Logit Contributions", description="Gradient x activation of each node on that logit, through the model."
+    )
+    logit_total: float = Field(
+        title="Logit Total",
+        description="Gradient of the logit w.r.t. the reconstruction, dotted with the path's decode.",
+    )
     logit_shares: list[float | None] = Field(title="Logit Shares", description="Contributions / total.")
-    reconstruction_all_latents: float = Field(title="Reconstruction, All Latents", description="Norm of the reconstruction (bias excluded).")
-    logit_all_latents: float = Field(title="Logit, All Latents", description="Gradient x activation summed over all latents.")
+    reconstruction_all_latents: float = Field(
+        title="Reconstruction, All Latents", description="Norm of the reconstruction (bias excluded)."
+    )
+    logit_all_latents: float = Field(
+        title="Logit, All Latents", description="Gradient x activation summed over all latents."
+    )
 
 
 @dataclass(config=ConfigDict(title="Path Attribution"))

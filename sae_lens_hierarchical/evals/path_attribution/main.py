@@ -212,7 +212,11 @@ def run_eval_single_sae(
         for ti, text in enumerate(config.input_texts):
             toks = model.to_tokens(text, prepend_bos=True if prepend is None else prepend)[0].cpu()
             acts = common.encode(sae, common.hook_activations(model, toks.unsqueeze(0), sae.cfg.metadata.hook_name)[0])
-            keep = torch.tensor([int(t) not in special for t in toks.tolist()]) if config.exclude_special_tokens else torch.ones(len(toks), dtype=torch.bool)
+            keep = (
+                torch.tensor([int(t) not in special for t in toks.tolist()])
+                if config.exclude_special_tokens
+                else torch.ones(len(toks), dtype=torch.bool)
+            )
             for col, j in enumerate(targets):
                 a = torch.where(keep, acts[:, j], torch.zeros_like(acts[:, j]))
                 if float(a.max()) <= 0:
@@ -232,14 +236,16 @@ def run_eval_single_sae(
         j = targets[col]
         path = tree.path(j)
         res = attribute_path(sae, model, toks, pos, path, probe_for(col), config.logit_target)
-        rows.append({
-            "target_latent": j,
-            "prompt_index": prompt,
-            "token_position": pos,
-            "path": path,
-            "path_levels": [int(tree.levels[v]) for v in path],
-            **res,
-        })
+        rows.append(
+            {
+                "target_latent": j,
+                "prompt_index": prompt,
+                "token_position": pos,
+                "path": path,
+                "path_levels": [int(tree.levels[v]) for v in path],
+                **res,
+            }
+        )
 
     def share_error(row: dict[str, Any], key: str) -> float:
         shares = row[key]
@@ -257,13 +263,15 @@ def run_eval_single_sae(
         "probe_target_share": _mean([r["probe_shares"][-1] for r in rows]),
         "logit_root_share": _mean([r["logit_shares"][0] for r in rows]),
         "logit_target_share": _mean([r["logit_shares"][-1] for r in rows]),
-        "path_fraction_of_reconstruction": _mean([
-            r["reconstruction_total"] / r["reconstruction_all_latents"] if r["reconstruction_all_latents"] else None
-            for r in rows
-        ]),
-        "path_fraction_of_logit": _mean([
-            r["logit_total"] / r["logit_all_latents"] if r["logit_all_latents"] else None for r in rows
-        ]),
+        "path_fraction_of_reconstruction": _mean(
+            [
+                r["reconstruction_total"] / r["reconstruction_all_latents"] if r["reconstruction_all_latents"] else None
+                for r in rows
+            ]
+        ),
+        "path_fraction_of_logit": _mean(
+            [r["logit_total"] / r["logit_all_latents"] if r["logit_all_latents"] else None for r in rows]
+        ),
         "max_share_sum_error": max((share_error(r, k) for r in rows for k in keys), default=0.0),
     }
     return overall, rows, tree
@@ -280,8 +288,14 @@ def plot_path_shares(rows: list[dict[str, Any]], path: str, max_paths: int = 16,
     rows = rows[:max_paths]
     depth = max((len(r["path"]) for r in rows), default=1)
     fig, axes = plt.subplots(1, 3, figsize=(4 + 3 * depth, 1.5 + 0.45 * max(len(rows), 1)), squeeze=False)
-    for ax, (key, name) in zip(axes[0], [("reconstruction_shares", "reconstruction"),
-                                         ("probe_shares", "probe"), ("logit_shares", "logit (grad x act)")]):
+    for ax, (key, name) in zip(
+        axes[0],
+        [
+            ("reconstruction_shares", "reconstruction"),
+            ("probe_shares", "probe"),
+            ("logit_shares", "logit (grad x act)"),
+        ],
+    ):
         grid = np.full((max(len(rows), 1), depth), np.nan)
         for i, r in enumerate(rows):
             for d, s in enumerate(r[key]):
@@ -326,7 +340,9 @@ def run_eval(
     `<release>_<sae_id>_path_attribution.png`.
     """
 
-    def evaluate(ctx: common.EvalContext, release: str, sae_id: str, sae: Any, header: dict) -> PathAttributionEvalOutput:
+    def evaluate(
+        ctx: common.EvalContext, release: str, sae_id: str, sae: Any, header: dict
+    ) -> PathAttributionEvalOutput:
         overall, rows, _ = run_eval_single_sae(config, sae, ctx, probe_direction)
         out = PathAttributionEvalOutput(
             eval_type_id=EVAL_TYPE_ID_PATH_ATTRIBUTION,
@@ -359,8 +375,13 @@ def main(argv: list[str] | None = None) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     selected = common.selected_saes_from_args(args)
     config = common.config_from_args(
-        PathAttributionEvalConfig, args, selected, latents=args.latents, n_latents=args.n_latents,
-        input_texts=args.input_texts, probe_direction_path=args.probe_direction_path,
+        PathAttributionEvalConfig,
+        args,
+        selected,
+        latents=args.latents,
+        n_latents=args.n_latents,
+        input_texts=args.input_texts,
+        probe_direction_path=args.probe_direction_path,
         logit_target=args.logit_target,
     )
     start = time.time()
