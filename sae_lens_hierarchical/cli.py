@@ -205,8 +205,8 @@ def train(path: str | Path, overrides: list[str] | None = None) -> tuple[Any, st
             runner = LanguageModelSAETrainingRunner(cfg, **_offline_overrides(cfg))
             if cfg.resume_from_checkpoint is None:  # (a resumed run loads its b_dec)
                 stats = pipeline.mean_activation(
-                    runner.model,
-                    runner.activations_store.dataset,  # type: ignore[arg-type]
+                    runner.model,  # type: ignore[arg-type]
+                    runner.activations_store.dataset,
                     cfg.hook_name,
                     cfg.context_size,
                 )

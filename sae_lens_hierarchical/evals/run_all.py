@@ -192,10 +192,10 @@ def run_all_evals(
             stock.run_core(
                 saes,
                 model,
-                core_data,
+                core_data,  # type: ignore[arg-type]
                 out(name),
                 device,
-                dataset_name=s.dataset_name,  # type: ignore[arg-type]
+                dataset_name=s.dataset_name,
                 context_size=s.context_size,
                 batch_size_prompts=s.batch_size_prompts,
                 n_eval_reconstruction_batches=s.core_batches,

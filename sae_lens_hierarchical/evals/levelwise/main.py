@@ -239,7 +239,7 @@ def sparse_probing_per_level(
         try:
             results, _ = sp_main.run_eval_single_sae(
                 sp_cfg,
-                LevelSubsetSAE(sae, latents),
+                LevelSubsetSAE(sae, latents),  # type: ignore[arg-type]  (duck-typed: encode/decode/W_dec)
                 model,
                 device,
                 folder,
