@@ -151,10 +151,7 @@ def mean_activation(
         return None
     tokens = torch.stack(token_rows)
     x = common.hook_activations(model, tokens, hook_name, batch_prompts)
-    keep = torch.ones(tokens.shape, dtype=torch.bool)
-    for tok_id in common.special_token_ids(model):
-        keep &= tokens != tok_id
-    x = x[keep]
+    x = x[common.non_special(model, tokens)]
     if x.shape[0] == 0:
         return None
     return x.mean(0), float(x.norm(dim=-1).mean())

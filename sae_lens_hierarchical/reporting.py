@@ -701,10 +701,7 @@ def latent_stats(
         x = common.hook_activations(model, tokens, hook_name, batch_prompts)  # [n, ctx, d_in]
         n, ctx, d = x.shape
         acts = common.encode(sae, x.reshape(-1, d)).reshape(n, ctx, -1)
-        keep = torch.ones(n, ctx, dtype=torch.bool)
-        for tok_id in common.special_token_ids(model):
-            keep &= tokens.cpu() != tok_id
-        acts = acts * keep.unsqueeze(-1)
+        acts = acts * common.non_special(model, tokens).unsqueeze(-1)
     n, ctx, _ = acts.shape
     flat = acts.reshape(n * ctx, -1)
     levels = sae.latent_levels.cpu() if hasattr(sae, "latent_levels") else torch.zeros(flat.shape[1], dtype=torch.long)
@@ -749,9 +746,7 @@ def tree_markdown(
     x = common.hook_activations(model, tokens, hook_name, batch_prompts)
     n, ctx, d = x.shape
     acts = common.encode(sae, x.reshape(-1, d)).reshape(n, ctx, -1)
-    keep = torch.ones(n, ctx, dtype=torch.bool)
-    for tok_id in common.special_token_ids(model):
-        keep &= tokens.cpu() != tok_id
+    keep = common.non_special(model, tokens)
     acts = acts * keep.unsqueeze(-1)
     freq = (acts.reshape(n * ctx, -1) > 0).float().mean(0)
     n_kept = int(keep.sum())

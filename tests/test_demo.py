@@ -185,7 +185,7 @@ def test_every_demo_config_field_is_an_option_with_its_docstring():
     assert cfg == demo.DemoConfig()
     assert cfg.contestants == ["hierarchical", "batchtopk", "matryoshka_batchtopk"]
     hsae = demo.hsae_config(cfg, 64)
-    assert hsae.level_widths == [64, 256, 1024] and hsae.d_sae == 1344 and hsae.total_l0 == 24
+    assert hsae.level_widths == [256, 512, 576] and hsae.d_sae == 1344 and hsae.total_l0 == 24
     cfgs = pipeline.matched_configs(hsae, cfg.contestants)
     assert list(cfgs) == NAMES
     assert {c.d_sae for c in cfgs.values()} == {1344} and {c.k for c in cfgs.values()} == {24}

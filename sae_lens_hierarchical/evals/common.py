@@ -320,6 +320,14 @@ def collect_tokens(
     return torch.cat(rows)[:n_prompts]
 
 
+def non_special(model: HookedTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """BoolTensor shaped like `tokens` (on the CPU): True where the token is not BOS/EOS/PAD."""
+    keep = torch.ones(tokens.shape, dtype=torch.bool)
+    for tok_id in special_token_ids(model):
+        keep &= tokens.cpu() != tok_id
+    return keep
+
+
 def special_token_ids(model: HookedTransformer) -> set[int]:
     """BOS, EOS and PAD ids of the model's tokenizer (SAE-Bench leaves these out)."""
     tok = getattr(model, "tokenizer", None)
@@ -371,10 +379,7 @@ def eval_activations(
 ) -> EvalActivations:
     """Activations at `hook_name` with BOS/EOS/PAD positions left out (as SAE-Bench does)."""
     acts = hook_activations(model, tokens, hook_name, batch_size_prompts)
-    keep = torch.ones(tokens.shape, dtype=torch.bool)
-    if exclude_special_tokens:
-        for tok_id in special_token_ids(model):
-            keep &= tokens.cpu() != tok_id
+    keep = non_special(model, tokens) if exclude_special_tokens else torch.ones(tokens.shape, dtype=torch.bool)
     prompt, pos = keep.nonzero(as_tuple=True)
     return EvalActivations(acts[prompt, pos], prompt, pos, tokens.cpu())
 
