@@ -231,8 +231,6 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
             raise config_error("tree_every", self.tree_every, "it must be an integer >= 1")
         if not 0 <= self.tree_min_cofire <= 1:
             raise config_error("tree_min_cofire", self.tree_min_cofire, "it must be in [0, 1]")
-        if self.tree == "fixed" or self.projection_rank is not None:
-            self._check_fixed_layout()
         if self.projection_rank is not None:
             if self.tree != "fixed":
                 raise config_error(
@@ -244,6 +242,8 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
                 raise config_error(
                     "projection_rank", self.projection_rank, f"it must be None or an integer in [1, d_in={self.d_in}]"
                 )
+        if self.tree == "fixed":
+            self._check_fixed_layout()
         if self.level_recon_weights is None:
             self.level_recon_weights = [0.5] * (L - 1) + [1.0]
         if len(self.level_recon_weights) != L or any(
