@@ -94,7 +94,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     hook = f"blocks.{args.layer}.hook_resid_post"
     model = models.load_model(args.model, device=args.device)
     train_ds, eval_ds = load_data(model, args.dataset, args.context_size, args.seed)
-    fields: dict[str, Any] = {"level_widths": args.level_widths, "k": args.k}
+    # Every contestant trains on activations scaled by SAELens's `expected_average_only_in` (as
+    # the design sweep did); `--set normalize_activations=none` turns it off for all of them.
+    fields: dict[str, Any] = {"level_widths": args.level_widths, "k": args.k,
+                              "normalize_activations": "expected_average_only_in"}
     for item in args.set:
         keys, value = cli_args.parse_override(item)
         fields[".".join(keys)] = value

@@ -105,7 +105,13 @@ def hsae_config(cfg: DemoConfig, d_in: int) -> Any:
     from sae_lens_hierarchical import cli_args
     from sae_lens_hierarchical.config import HierarchicalTrainingSAEConfig
 
-    fields: dict[str, Any] = {"level_widths": list(cfg.level_widths), "k": cfg.k}
+    # SAELens's norm scaling (activations scaled to norm sqrt(d_in) while training, folded away at
+    # the end) for every contestant, as the design sweep measured; `--set normalize_activations=none`.
+    fields: dict[str, Any] = {
+        "level_widths": list(cfg.level_widths),
+        "k": cfg.k,
+        "normalize_activations": "expected_average_only_in",
+    }
     for item in cfg.set:
         keys, value = cli_args.parse_override(item, "--set")
         fields[".".join(keys)] = value
