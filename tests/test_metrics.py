@@ -372,3 +372,17 @@ def test_cuda_matches_cpu():
     kl_gpu = consistency_kl(acts.cuda().requires_grad_(), p_gpu, norms.cuda())
     kl_gpu.backward()
     assert kl_gpu.item() == pytest.approx(kl_cpu.item(), rel=1e-4)
+
+
+def test_no_latent_below_min_count_is_ever_a_posthoc_parent():
+    # (A parent must fire more often than its child, and a child below min_count is a root, so
+    # the parent-side check is implied; this pins the property over random activations.)
+    g = torch.Generator().manual_seed(0)
+    for min_count in (1, 3, 8, 20):
+        acts = (torch.rand(300, 40, generator=g) < torch.rand(40, generator=g) * 0.2).float()
+        counts = (acts > 0).sum(0)
+        parent = posthoc_tree(acts, tau=0.3, min_count=min_count)
+        has = parent >= 0
+        assert (counts[parent[has]] >= min_count).all()
+        assert (counts[has] >= min_count).all()
+        assert has.any() or min_count == 20
