@@ -676,6 +676,7 @@ class LatentStats:
     frequency: float  # fraction of tokens it fires on
     max_act: float
     snippets: list[tuple[str, float]]
+    top_tokens: list[tuple[str, float]]  # the tokens it fires on most often, with their share
 
 
 @torch.no_grad()
@@ -720,8 +721,29 @@ def latent_stats(
                 continue
             seen.add(prompt)
             chosen.append((snippet(model, tokens[prompt].tolist(), pos, *window), value))
-        out[j] = LatentStats(j, int(levels[j]), freq, float(col.max()) if col.numel() else 0.0, chosen)
+        out[j] = LatentStats(
+            j,
+            int(levels[j]),
+            freq,
+            float(col.max()) if col.numel() else 0.0,
+            chosen,
+            _top_tokens(model, tokens.reshape(-1)[col > 0]),
+        )
     return out, acts
+
+
+def _top_tokens(model: HookedTransformer, fired_on: torch.Tensor, n: int = 5) -> list[tuple[str, float]]:
+    """The `n` token strings a latent fires on most often, with the share of its firings."""
+    if fired_on.numel() == 0:
+        return []
+    ids, counts = fired_on.unique(return_counts=True)
+    order = counts.argsort(descending=True)[:n]
+    tok = model.tokenizer
+
+    def text(i: int) -> str:
+        return _clean(str(tok.decode([i]))) if tok is not None else str(i)
+
+    return [(text(int(ids[o])), float(counts[o]) / fired_on.numel()) for o in order]
 
 
 def tree_markdown(
@@ -776,7 +798,8 @@ def tree_markdown(
 
     def describe(j: int) -> str:
         s = stats[j]
-        return f"fires on {100 * s.frequency:.2f}% of tokens, max {s.max_act:.3g}"
+        tops = ", ".join(f"`{t}` {100 * share:.0f}%" for t, share in s.top_tokens)
+        return f"fires on {100 * s.frequency:.2f}% of tokens, max {s.max_act:.3g}; mostly on {tops or '–'}"
 
     def snips(j: int) -> str:
         return " · ".join(f"`{text}` ({value:.3g})" for text, value in stats[j].snippets) or "(none)"
@@ -801,7 +824,8 @@ def tree_markdown(
     ]
     as_json: list[dict[str, Any]] = []
     for rank, (r, kids) in enumerate(plan, 1):
-        lines += [f"## {rank}. Root {r} — {describe(r)}", "", f"{snips(r)}", ""]
+        n_kids = len(sae.tree_children(r))
+        lines += [f"## {rank}. Root {r} — {describe(r)}; {n_kids} children", "", f"{snips(r)}", ""]
         kid_json = []
         for c, grand in kids:
             lines.append(f"- **{r} › {c}** (level 1) — {describe(c)}: {snips(c)}")
