@@ -256,10 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=None, help="where SAEs and raw eval files go (default: hsae_runs/lm_bench/<out>)")
     ap.add_argument("--out", type=Path, required=True, help="result JSON (or, with --merge, markdown)")
     ap.add_argument("--merge", nargs="+", type=Path, help="merge these result files into --out (markdown)")
+    ap.add_argument("--columns", default=",".join(CONTRACT[:-1]),
+                    help="with --merge: row fields to tabulate, comma-separated (e.g. hierarchy_necessity)")
     args = ap.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
     if args.merge:
-        md, summary = merge(args.merge, ("ce_loss_score", "kl_div_score", "l0", "frac_alive", "absorption"))
+        md, summary = merge(args.merge, tuple(c for c in args.columns.split(",") if c))
         plot = plot_l0_sweep(summary, args.out.with_suffix(".png"))
         args.out.write_text(md + (f"\n\n![CE loss score against L0]({plot.name})\n" if plot else "\n"))
         print(md)
