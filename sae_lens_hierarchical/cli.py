@@ -440,8 +440,8 @@ def demo(args: argparse.Namespace) -> int:
     from sae_lens_hierarchical import models
     from sae_lens_hierarchical.demo import DemoConfig, hsae_config, run_demo
 
-    cfg = cli_args.from_args(DemoConfig, args)
     try:
+        cfg = cli_args.from_args(DemoConfig, args)
         if cfg.contestants and cfg.contestants[0] != "hierarchical":
             raise ValueError(f"--contestants {cfg.contestants}: the first must be hierarchical")
         pipeline.matched_configs(hsae_config(cfg, 64), cfg.contestants)  # d_in does not matter here

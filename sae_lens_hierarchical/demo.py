@@ -99,6 +99,52 @@ class DemoConfig:
     def hook_name(self) -> str:
         return f"blocks.{self.layer}.hook_resid_post"
 
+    def __post_init__(self) -> None:
+        """Every value range, checked before any model loads; the error names the option."""
+        import math
+
+        positive = (
+            "tokens",
+            "batch_tokens",
+            "eval_prompts",
+            "eval_batch_prompts",
+            "core_batches",
+            "core_sparsity_batches",
+            "tree_prompts",
+            "tree_roots",
+            "dead_feature_window",
+            "norm_batches",
+        )
+        problems = [
+            (name, "a positive integer")
+            for name in positive
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0)
+        ]
+        checks = [
+            ("layer", isinstance(self.layer, int) and self.layer >= 0, "an integer >= 0"),
+            ("context_size", isinstance(self.context_size, int) and self.context_size > 1, "an integer > 1"),
+            ("heldout_every", isinstance(self.heldout_every, int) and self.heldout_every >= 2, "an integer >= 2"),
+            ("path_latents", isinstance(self.path_latents, int) and self.path_latents >= 0, "an integer >= 0"),
+            ("lr", isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0, "a finite number > 0"),
+            ("threshold_lr", isinstance(self.threshold_lr, (int, float)) and 0 < self.threshold_lr <= 1, "in (0, 1]"),
+            (
+                "max_chars",
+                self.max_chars is None or (isinstance(self.max_chars, int) and self.max_chars > 0),
+                "none or a positive integer",
+            ),
+            (
+                "tokens",
+                not isinstance(self.tokens, int)
+                or not isinstance(self.batch_tokens, int)
+                or self.tokens >= self.batch_tokens,
+                f"at least --batch-tokens ({self.batch_tokens})",
+            ),
+        ]
+        problems += [(name, allowed) for name, ok, allowed in checks if not ok]
+        if problems:
+            name, allowed = problems[0]
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is invalid: it must be {allowed}")
+
 
 def hsae_config(cfg: DemoConfig, d_in: int) -> Any:
     """The HSAE's training config: the demo's tree and L0 plus the `set` overrides."""

@@ -288,3 +288,20 @@ def test_cli_demo_runs_the_given_contestants_without_evals(tmp_path, monkeypatch
     hsae = SAE.load_from_disk(str(out / "saes" / "hsae"))
     details = hsae.cfg.metadata.training_architecture_details
     assert hsae.cfg.level_widths == WIDTHS and details["k"] == K and details["l2_coefficient"] == 0.01
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--tokens", "-5"], "--tokens -5 is invalid"),
+    (["--tokens", "100"], "at least --batch-tokens (1024)"),
+    (["--lr", "0"], "--lr 0.0 is invalid"),
+    (["--batch-tokens", "0"], "--batch-tokens 0 is invalid"),
+    (["--context-size", "0"], "--context-size 0 is invalid"),
+    (["--layer", "-1"], "--layer -1 is invalid"),
+    (["--threshold-lr", "2"], "--threshold-lr 2.0 is invalid"),
+])
+def test_out_of_range_demo_values_exit_2_naming_the_option(argv, says, capsys, monkeypatch):
+    from sae_lens_hierarchical import models
+
+    monkeypatch.setattr(models, "load_model", lambda *_a, **_k: pytest.fail("the model must not load"))
+    assert cli.main(["demo", *argv]) == 2
+    assert says in capsys.readouterr().err
