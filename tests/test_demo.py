@@ -305,3 +305,19 @@ def test_out_of_range_demo_values_exit_2_naming_the_option(argv, says, capsys, m
     monkeypatch.setattr(models, "load_model", lambda *_a, **_k: pytest.fail("the model must not load"))
     assert cli.main(["demo", *argv]) == 2
     assert says in capsys.readouterr().err
+
+
+def test_hsae_tree_writes_the_saved_hsaes_tree_and_refuses_flat_saes(demo_out, tmp_path, monkeypatch, capsys):
+    from sae_lens_hierarchical import models
+
+    model = tiny_model(tmp_path / "tok")
+    monkeypatch.setattr(models, "load_model", lambda *_a, **_k: model)
+    monkeypatch.setattr(models, "load_text", lambda *_a, **_k: documents(N_DOCS))
+    out = tmp_path / "tree.md"
+    argv = ["tree", str(demo_out / "saes" / "hsae"), "--model", "tiny-demo", "--prompts", "8",
+            "--context-size", str(CTX), "--roots", "2", "--out", str(out)]
+    assert cli.main(argv) == 0
+    md = out.read_text()
+    assert md.startswith("# The learned tree") and "## 1. Root " in md and "children" in md and "«" in md
+    assert cli.main(["tree", str(demo_out / "saes" / "batchtopk"), "--model", "tiny-demo"]) == 2
+    assert "not a hierarchical SAE" in capsys.readouterr().err
