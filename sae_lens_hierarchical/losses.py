@@ -3,7 +3,7 @@
 Both take activations in the units the reconstruction uses (a_j * ||W_dec[j]||: the TopK family's
 `rescale_acts_by_decoder_norm`, or unit-norm decoder rows at inference) and a tree `parent`.
 
-* `consistency_kl` (DESIGN 2, L_KL): per token and parent level l, the distribution of activation
+* `consistency_kl` (L_KL, docs/architecture.md): per token and parent level l, the distribution of activation
   mass over level l against the level-(l+1) mass pooled onto its parents.
 * `consistency_l2` (Luo et al. 2026): on tokens where some child of a parent fires, the parent's
   activation should equal the sum of its children's; the parent's value there is its ReLU'd
@@ -25,7 +25,7 @@ def consistency_kl(
     eps: float = 1e-6,
     levels: Tensor | None = None,
 ) -> Tensor:
-    """Hierarchical-consistency KL (DESIGN 2, L_KL): differentiable, vectorised over latents.
+    """Hierarchical-consistency KL (L_KL, docs/architecture.md): differentiable, vectorised over latents.
 
     acts: activations [..., d_sae] (negative values are clamped to 0).
     parent_index: Long[d_sae], -1 for roots.

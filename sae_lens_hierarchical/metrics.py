@@ -1,4 +1,4 @@
-"""Hierarchy metrics for sparse autoencoders (DESIGN.md section 3).
+"""Hierarchy metrics for sparse autoencoders.
 
 Everything here is a plain torch function, so it scores a native hierarchical SAE (whose tree
 is its own `parent_index`) and a flat SAE (whose tree comes from `posthoc_tree`) the same way.
@@ -154,7 +154,7 @@ def posthoc_tree(
     chunk_size: int = 4096,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Parent index of a flat SAE's latents from co-firing (DESIGN 3's post-hoc tree).
+    """Parent index of a flat SAE's latents from co-firing (the post-hoc co-firing tree).
 
     acts: activations [N, d_sae] (or an iterable of chunks); on = act > 0.
     tau: minimum P(parent on | child on).

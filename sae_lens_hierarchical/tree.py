@@ -96,7 +96,7 @@ class CoFiring:
 
 SPECIFIC = 0.5
 """A parent candidate must fire on at least this share of its child's firings; among candidates the
-least frequent one is taken (the most specific ancestor, as the post-hoc tree of DESIGN 3 does)."""
+least frequent one is taken (the most specific ancestor, as the post-hoc co-firing tree does)."""
 
 
 @torch.no_grad()

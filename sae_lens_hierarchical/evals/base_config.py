@@ -77,7 +77,7 @@ class TreeEvalConfig(ActivationEvalConfig):
         title="Post-hoc Tree Threshold",
         description=(
             "A post-hoc parent q of latent c must have P(q on | c on) >= tau; the parent is "
-            "the least dense such latent that is denser than c (DESIGN section 3)."
+            "the least dense such latent that is denser than c."
         ),
     )
     posthoc_min_count: int = Field(

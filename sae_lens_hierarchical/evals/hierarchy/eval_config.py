@@ -12,7 +12,7 @@ class HierarchyEvalConfig(TreeEvalConfig):
         default=0.5,
         title="Tree Fit Fraction",
         description=(
-            "Fraction of the tokens the post-hoc trees (the DESIGN tree of a flat SAE and every "
+            "Fraction of the tokens the post-hoc trees (the co-firing tree of a flat SAE and every "
             "SAE's level post-hoc tree) are fitted on; every metric is computed on the other "
             "tokens (held out), for native trees too so all trees see the same tokens. 0 fits "
             "and scores on all tokens."

@@ -63,7 +63,7 @@ class HierarchyMetrics(BaseMetrics):
     )
     tree_source: str = Field(
         title="Tree Source",
-        description="'native' (the SAE's own tree) or 'posthoc' (fitted on co-firing, DESIGN section 3).",
+        description="'native' (the SAE's own tree) or 'posthoc' (fitted on co-firing).",
     )
     n_levels: int = Field(title="Number of Levels", description="Levels of the tree, roots included.")
     n_edges: int = Field(title="Edges", description="Parent->child edges of the tree.")

@@ -1,16 +1,16 @@
-"""The hierarchy eval: hierarchical consistency of an SAE's tree (DESIGN section 3).
+"""The hierarchy eval: hierarchical consistency of an SAE's tree.
 
 For each SAE: run the model over the eval tokens, encode the activations at the SAE's hook,
 split the tokens into a fit part and a held-out part (`common.split_fit_score`), and score on
 the held-out tokens:
 
 1. the tree chosen by `tree_source`: a hierarchical SAE's own tree (`parent_index`,
-   `latent_levels`), or for any other SAE the DESIGN post-hoc co-firing tree fitted on the fit
+   `latent_levels`), or for any other SAE the post-hoc co-firing tree fitted on the fit
    tokens. Necessity P(p on | c on) per edge, P(c on | p on) per edge, coverage P(some child
    on | p on) per parent, the hierarchical consistency score (mean over parents of the
    harmonic mean of necessity and coverage), the Hamming distance between each parent and the
-   OR of its children (`metrics.hierarchical_consistency`), and the consistency KL of DESIGN
-   section 2 (`metrics.consistency_kl`), overall and per level;
+   OR of its children (`metrics.hierarchical_consistency`), and the consistency KL
+   (`losses.consistency_kl`, docs/architecture.md), overall and per level;
 2. the level post-hoc tree, built the same way for every SAE, hierarchical or flat
    (`metrics.level_posthoc_tree`): levels by firing density on the fit tokens with the
    hierarchical SAE's level widths (a flat SAE: `posthoc_level_widths`, default 1:4:16), each

@@ -1,4 +1,4 @@
-"""The path attribution eval (DESIGN section 3, path-based attribution).
+"""The path attribution eval.
 
 For an input token and a target latent j, the path is root -> ... -> j in the SAE's tree (its
 own for a hierarchical SAE, the post-hoc tree for a flat one). Each path node v contributes the
