@@ -40,6 +40,7 @@ from sae_lens_hierarchical.evals.levelwise.eval_output import (
 )
 
 CHUNK = 2048
+_SAID: set[str] = set()
 
 
 def judge_message(config: LevelwiseEvalConfig) -> str:
@@ -368,7 +369,9 @@ def run_eval_single_sae(
         key = api_key or os.environ.get(config.autointerp_api_key_env)
         if not key:
             msg = judge_message(config)
-            print(msg)
+            if msg not in _SAID:  # once per process, not once per SAE: repeated, it reads as an error
+                print(msg)
+                _SAID.add(msg)
             notes["autointerp"] = {"skipped": msg}
         else:
             ai_rows, ai_notes = autointerp_per_level(config, sae, tree, fires, ctx, key, artifacts_path)
