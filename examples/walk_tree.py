@@ -117,7 +117,7 @@ def activations(sae: Any, path: Path, args: argparse.Namespace) -> tuple[torch.T
 
             x = next(iter(load_file(args.acts).values()))
         else:
-            x = torch.load(args.acts, map_location="cpu")
+            x = torch.load(args.acts, map_location="cpu", weights_only=True)  # a tensor: never unpickle code
         x, source = x.reshape(-1, sae.cfg.d_in)[: args.n_samples].float(), args.acts
     elif (path / "runner_config.json").exists():
         from sae_lens.synthetic import SyntheticModel, SyntheticModelConfig

@@ -120,7 +120,7 @@ def run_core(
             sae,
             context_size=context_size,
             dataset=dataset,
-            dataset_trust_remote_code=True,
+            dataset_trust_remote_code=False,  # a dataset named on the command line runs no loading script
             store_batch_size_prompts=batch_size_prompts,
             device=device,
         )

@@ -163,3 +163,16 @@ def test_committed_schema_equals_generated():
 
     path = os.path.join(os.path.dirname(pa.__file__), "eval_output_schema_path_attribution.json")
     assert load_json(path) == gen.schema(PathAttributionEvalOutput)
+
+
+class _Payload:
+    """Any pickled object that is not plain tensors: torch.load(weights_only=False) would run it."""
+
+
+def test_probe_direction_file_is_loaded_without_unpickling_code(tmp_path):
+    good, bad = tmp_path / "probe.pt", tmp_path / "evil.pt"
+    torch.save(torch.ones(4), good)
+    torch.save({"direction": torch.ones(4), "payload": _Payload()}, bad)
+    assert pa.load_probe_direction(str(good), 4).tolist() == [1.0] * 4
+    with pytest.raises(Exception, match="(?i)weights_only|unpickl"):
+        pa.load_probe_direction(str(bad), 4)

@@ -54,7 +54,7 @@ def load_probe_direction(path: str, d_in: int) -> torch.Tensor:
 
         vec = torch.as_tensor(np.load(path))
     else:
-        vec = torch.load(path, map_location="cpu")
+        vec = torch.load(path, map_location="cpu", weights_only=True)  # a tensor: never unpickle code
     vec = torch.as_tensor(vec).float().flatten()
     if vec.numel() != d_in:
         raise ValueError(f"{path}: probe direction has {vec.numel()} entries, the SAE's d_in is {d_in}")
