@@ -93,12 +93,12 @@ class HierarchicalTrainingSAE(TreeAccess, FactoredRows, MatryoshkaBatchTopKTrain
         # The first update starts the average at its first target (SAELens's starts at 0 and needs
         # hundreds of steps to get there: a short run's saved SAE then fires several times k).
         lr = self.cfg.topk_threshold_lr if bool((self.topk_threshold > 0).any()) else 1.0
-        groups = (
-            acts_topk.split(self.cfg.level_widths or [], dim=-1)
-            if self.cfg.k_per_level is not None
-            else [acts_topk] * len(self.topk_threshold)
-        )
-        for level, acts in enumerate(groups):
+        if self.cfg.k_per_level is None:  # one budget: one minimum, the same for every level
+            kept = acts_topk[acts_topk > 0]
+            if kept.numel():
+                self.topk_threshold.mul_(1 - lr).add_(lr * kept.min().double())
+            return
+        for level, acts in enumerate(acts_topk.split(self.cfg.level_widths or [], dim=-1)):
             kept = acts[acts > 0]
             if kept.numel():
                 self.topk_threshold[level] = (1 - lr) * self.topk_threshold[level] + lr * kept.min().double()
