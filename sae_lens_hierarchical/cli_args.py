@@ -231,6 +231,34 @@ def describe(hint: Any) -> str:
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass `hint` names (also inside `X | None`), else None."""
+    candidates = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return next((c for c in candidates if isinstance(c, type) and dataclasses.is_dataclass(c)), None)
+
+
+def _subclasses(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out += [sub, *_subclasses(sub)]
+    return out
+
+
+def _check_nested(section: dict[str, Any], cls: type, where: str, path: str) -> None:
+    """A nested dataclass section; a registry-dispatched one (SAELens's synthetic generators:
+    `generator_name` picks the subclass) is checked against the subclass it names."""
+    name = section.get("generator_name")
+    if callable(getattr(cls, "generator_name", None)) and name is not None:
+        choices = {sub.generator_name(): sub for sub in _subclasses(cls) if not inspect.isabstract(sub)}  # type: ignore[attr-defined]
+        if name not in choices:
+            raise FieldError(
+                f"{path}: {where}generator_name={name!r} is invalid: expected one of {', '.join(map(repr, sorted(choices)))}"
+            )
+        check_fields(section, choices[name], where, path, skip=("generator_name",))
+    elif not inspect.isabstract(cls):
+        check_fields(section, cls, where, path)
+
+
 def check_types(section: dict[str, Any], cls: type, where: str, path: str, skip: tuple[str, ...] = ()) -> None:
     """Check (and normalise) each given value against its dataclass field's annotation."""
     try:
@@ -239,6 +267,10 @@ def check_types(section: dict[str, Any], cls: type, where: str, path: str, skip:
         return
     for key, value in list(section.items()):
         if key in skip or key not in hints:
+            continue
+        nested = _dataclass_in(hints[key])
+        if nested is not None and isinstance(value, dict):  # a nested section: same checks inside
+            _check_nested(value, nested, f"{where}{key}.", path)
             continue
         try:
             section[key] = coerce(value, hints[key])

@@ -86,6 +86,9 @@ class OfflineModelSpec:
     # <|im_start|>); Gemma needs <bos> at position 0 or its loss explodes.
     default_prepend_bos: bool
     license: str
+    # Transformer blocks, from the model's config (tests/test_models.py checks it against the
+    # loaded model): config checks reject a hook layer past the end without loading weights.
+    n_layers: int
 
 
 OFFLINE_MODELS: dict[str, OfflineModelSpec] = {
@@ -104,6 +107,7 @@ OFFLINE_MODELS: dict[str, OfflineModelSpec] = {
             tl_official_name=None,
             default_prepend_bos=False,
             license="Apache-2.0",
+            n_layers=30,
         ),
         OfflineModelSpec(
             name="gemma-3-270m",
@@ -114,6 +118,7 @@ OFFLINE_MODELS: dict[str, OfflineModelSpec] = {
             tl_official_name="google/gemma-3-270m",
             default_prepend_bos=True,
             license="Gemma Terms of Use",
+            n_layers=18,
         ),
     )
 }

@@ -264,7 +264,9 @@ def tiny_lm_config(tmp_path: Path, **kw) -> dict:
     dataset of random tokens are handed to the runner (`runner_with_tiny_model`)."""
     cfg = {
         "sae": {"d_in": D, "d_sae": 84, "level_widths": [4, 16, 64], "k": 6},
-        "model_name": "tiny-random", "hook_name": HOOK, "dataset_path": "", "is_dataset_tokenized": True,
+        # A name TransformerLens knows (config checks refuse unknown names); the runner is handed
+        # the tiny random model below instead of loading it.
+        "model_name": "tiny-stories-1M", "hook_name": HOOK, "dataset_path": "", "is_dataset_tokenized": True,
         "streaming": False, "context_size": CTX, "prepend_bos": False,
         "training_tokens": PROMPTS * CTX, "train_batch_size_tokens": PROMPTS * CTX,
         "store_batch_size_prompts": PROMPTS, "n_batches_in_buffer": PROMPTS,

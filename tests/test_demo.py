@@ -22,7 +22,7 @@ import torch
 from lm_builders import WORDS, documents, tiny_lm
 
 import sae_lens_hierarchical  # noqa: F401  (registers the architecture)
-from sae_lens_hierarchical import cli, cli_args, demo, models, pipeline
+from sae_lens_hierarchical import cli, cli_args, demo, models, pipeline, validation
 
 N_DOCS, CTX = 6, 16
 WIDTHS, K = [2, 4, 8], 4
@@ -258,6 +258,8 @@ def test_cli_demo_runs_the_given_contestants_without_evals(tmp_path, monkeypatch
 
     monkeypatch.setattr(models, "load_model", load_model)
     monkeypatch.setattr(models, "load_text", load_text)
+    # "tiny-demo" is no model TransformerLens knows: the patched loader above hands it in.
+    monkeypatch.setattr(validation, "check_model_name", lambda *_args: None)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     out = tmp_path / "report"
     argv = ["demo", "--out", str(out), "--model", "tiny-demo", "--layer", "1", "--heldout-every", "3",

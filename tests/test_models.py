@@ -266,6 +266,8 @@ def test_load_model_returns_hooked_transformer_with_tokenizer(offline_model):
     # Gemma needs <bos> first; SmolLM2 was trained on raw text without it.
     starts_with_bos = bool(tokens[0, 0] == model.tokenizer.bos_token_id)
     assert starts_with_bos == models.OFFLINE_MODELS[name].default_prepend_bos
+    # The registry's layer count (config checks use it instead of loading weights) is the model's.
+    assert model.cfg.n_layers == models.OFFLINE_MODELS[name].n_layers
     assert model.to_string(tokens[0, int(starts_with_bos):]) == SENTENCE
     # The per-process cache hands back the same object, also for an alias.
     alias = models.OFFLINE_MODELS[name].aliases[-1]
