@@ -9,6 +9,7 @@ Decoding is SAELens's linear decode, so SAE-Bench, SAELens's evals and HookedSAE
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +42,12 @@ class HierarchicalSAE(TreeAccess, JumpReLUSAE):
         return self.hook_sae_acts_post(gate(acts, self.tree_parent, self.cfg.level_widths or []))
 
     @override
+    def save_model(self, path: str | Path) -> tuple[Path, Path]:
+        paths = super().save_model(path)
+        state_io.write_checksum(*paths)
+        return paths
+
+    @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
         if "topk_threshold" in state_dict:  # a training checkpoint loads as an inference SAE
             raise state_io.HierarchicalSAELoadError(
@@ -48,3 +55,4 @@ class HierarchicalSAE(TreeAccess, JumpReLUSAE):
                 "TrainingSAE.load_from_disk, or save it for inference with save_inference_model"
             )
         state_io.check_loaded_state(self, state_dict)
+        state_io.verify_checksum(self.cfg, state_dict)  # after the checks that name a cause

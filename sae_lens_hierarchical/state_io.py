@@ -25,6 +25,8 @@ def check_loaded_state(module: nn.Module, state_dict: dict[str, Any], skip: tupl
     cfg: Any = module.cfg
     fields = f"d_in={cfg.d_in}, d_sae={cfg.d_sae}, level_widths={cfg.level_widths}"
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items() if k not in skip}
+    if "tree_parent" in expected and "tree_parent" not in state_dict:
+        _missing_tree(cfg, state_dict)
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected) - set(skip))
     if missing or unexpected:
@@ -48,6 +50,38 @@ def check_loaded_state(module: nn.Module, state_dict: dict[str, Any], skip: tupl
     if "tree_parent" in state_dict:
         state_dict["tree_parent"] = state_dict["tree_parent"].long()  # loaders may cast to cfg dtype
         check_tree(state_dict["tree_parent"], cfg)
+
+
+def tree_mode(cfg: Any) -> str | None:
+    """'learned' / 'fixed' from a training config, or from the training details an inference
+    cfg.json keeps; None when neither says."""
+    mode = getattr(cfg, "tree", None)
+    if mode is None:
+        metadata = getattr(cfg, "metadata", None)
+        details = (metadata.get("training_architecture_details") if metadata is not None else None) or {}
+        mode = details.get("tree")
+    return mode if isinstance(mode, str) else None
+
+
+def _missing_tree(cfg: Any, state_dict: dict[str, Any]) -> None:
+    """No `tree_parent` tensor: a fixed tree is rebuilt from the config (with a warning); a
+    learned (re-seated) tree cannot be, so loading stops."""
+    import warnings
+
+    mode = tree_mode(cfg)
+    if mode == "fixed":
+        warnings.warn(
+            "sae_weights.safetensors has no 'tree_parent' tensor; cfg.json says tree: fixed, so the "
+            "fixed layout is rebuilt from level_widths",
+            stacklevel=4,
+        )
+        state_dict["tree_parent"] = fixed_parents(cfg.level_widths)
+        return
+    raise HierarchicalSAELoadError(
+        "sae_weights.safetensors has no 'tree_parent' tensor, and cfg.json's tree was "
+        f"{'learned (re-seated during training)' if mode == 'learned' else 'not recorded'}: the default tree would be "
+        "the wrong one. Save the SAE again with this package (save_inference_model) to include it"
+    )
 
 
 def check_tree(parent: torch.Tensor, cfg: Any) -> None:
@@ -89,3 +123,67 @@ def inference_to_training_state(state_dict: dict[str, Any], cfg: Any) -> None:
                 f"(d_sae={cfg.d_sae}) implies [{cfg.d_sae}]"
             )
         state_dict["topk_threshold"] = torch.stack([thr[sl.start] for sl in cfg.level_slices]).double()
+
+
+def tensor_digest(state_dict: dict[str, Any], dtype: torch.dtype | None = None) -> str:
+    """sha256 over every tensor's name, shape and values, independent of device and of the width
+    a value is held in: floating tensors are first cast to `dtype` (the one a loader produces:
+    SAELens casts every tensor of a weights file to the config's dtype), then every value is
+    hashed as float64. Used for saved SAEs' checksum (`weights_sha256` in cfg.json) and for
+    `hsae eval`'s cache of results."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        flat = t.reshape(-1)
+        h.update(f"{name}:{list(t.shape)};".encode())
+        for start in range(0, flat.numel(), 1 << 22):  # 4M values (32 MB) at a time
+            h.update(flat[start : start + (1 << 22)].cpu().to(torch.float64).numpy().tobytes())
+    return h.hexdigest()
+
+
+CHECKSUM_KEY = "weights_sha256"
+
+
+def write_checksum(weights_path: Any, cfg_path: Any) -> None:
+    """Record the saved tensors' digest in cfg.json as `metadata.weights_sha256`
+    ("<dtype>:<sha256>", the tensors as a loader casts them to cfg.json's dtype). SAELens keeps
+    unknown metadata keys, so every loader still reads the file; this package's loaders verify
+    it (`verify_checksum`)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    dtype = str(cfg.get("dtype") or "float32")
+    tensors = load_file(str(weights_path))
+    digest = tensor_digest(tensors, getattr(torch, dtype.removeprefix("torch.")))
+    cfg.setdefault("metadata", {})[CHECKSUM_KEY] = f"{dtype}:{digest}"
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+
+
+def verify_checksum(cfg: Any, state_dict: dict[str, Any]) -> None:
+    """Refuse tensors that differ from those the checksum in cfg.json was made from (a damaged or
+    edited weights file: safetensors itself has no checksum). Skipped when cfg.json has none, or
+    when the SAE was loaded in another dtype than it was saved in (its values then differ by
+    design). The checksum describes the file, not the model in memory (which may train on), so
+    it is dropped from the loaded config."""
+    metadata = getattr(cfg, "metadata", None)
+    expected = metadata.get(CHECKSUM_KEY) if metadata is not None else None
+    if metadata is not None and CHECKSUM_KEY in metadata:
+        delattr(metadata, CHECKSUM_KEY)
+    if not isinstance(expected, str):
+        return
+    dtype, _, digest = expected.rpartition(":")
+    if str(getattr(cfg, "dtype", dtype)) != dtype:
+        return
+    if tensor_digest(state_dict) != digest:
+        raise HierarchicalSAELoadError(
+            "sae_weights.safetensors: its tensors do not match the checksum cfg.json recorded when it "
+            f"was saved (metadata.{CHECKSUM_KEY}): the weights file was changed or damaged after saving"
+        )

@@ -19,6 +19,7 @@ a JumpReLU SAE with the threshold BatchTopK learned, plus the tree.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -160,13 +161,27 @@ class HierarchicalTrainingSAE(TreeAccess, FactoredRows, MatryoshkaBatchTopKTrain
         state_dict.update(self.schedule.state_dict())  # a checkpoint resumes the schedule exactly
 
     @override
+    def save_model(self, path: str | Path) -> tuple[Path, Path]:
+        paths = super().save_model(path)
+        state_io.write_checksum(*paths)
+        return paths
+
+    @override
+    def save_inference_model(self, path: str | Path) -> tuple[Path, Path]:
+        paths = super().save_inference_model(path)
+        state_io.write_checksum(*paths)
+        return paths
+
+    @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        as_saved = dict(state_dict)  # the tensors below are replaced, never changed in place
         schedule = pop_schedule_state(state_dict)
         if schedule:
             self.schedule.load_state_dict(schedule)
         state_io.inference_to_training_state(state_dict, self.cfg)
         self.factor_state(state_dict)  # a saved (flat) SAE into factored rows, when projected
         state_io.check_loaded_state(self, state_dict)
+        state_io.verify_checksum(self.cfg, as_saved)  # after the checks that name a cause
 
     @override
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:

@@ -355,7 +355,7 @@ def tiny_synthetic_config() -> dict:
 
 def lm_config() -> dict:
     return {"sae": {"d_in": 16, "d_sae": 84, "level_widths": [4, 16, 64], "k": 7},
-            "model_name": "tiny", "hook_name": "blocks.0.hook_resid_post", "dataset_path": "x",
+            "model_name": "tiny-stories-1M", "hook_name": "blocks.0.hook_resid_post", "dataset_path": "x",
             "output_path": "runs/lm"}
 
 
@@ -427,6 +427,15 @@ def test_bad_resume_checkpoint_exits_2_naming_what_is_missing(tmp_path, monkeypa
     assert "checkpoint ck/4096 is incomplete: missing cfg.json, sae_weights.safetensors, trainer_state.pt" in err
 
 
+def write_checkpoint(done: Path) -> None:
+    """The four files of a checkpoint, readable (find_checkpoint skips damaged ones)."""
+    done.mkdir(parents=True, exist_ok=True)
+    (done / "cfg.json").write_text("{}")
+    save_file({"w": torch.zeros(2)}, str(done / "sae_weights.safetensors"))
+    save_file({"n": torch.zeros(1)}, str(done / "activations_store_state.safetensors"))
+    torch.save({"step": 1}, done / "trainer_state.pt")
+
+
 def test_ctrl_c_exits_130_naming_the_checkpoint_to_resume_from(tmp_path, monkeypatch, capsys):
     """Ctrl-C in a language-model run: SAELens's own handler then fails writing its interrupt
     checkpoint (6.54); hsae reports the interruption and the last complete checkpoint."""
@@ -447,9 +456,7 @@ def test_ctrl_c_exits_130_naming_the_checkpoint_to_resume_from(tmp_path, monkeyp
             for n in (1024, 2048):  # two periodic checkpoints, then the partial interrupt one
                 done = Path(self.cfg.checkpoint_path) / str(n)
                 done.mkdir(parents=True)
-                for name in ("cfg.json", "sae_weights.safetensors", "trainer_state.pt",
-                             "activations_store_state.safetensors"):
-                    (done / name).write_bytes(b"")
+                write_checkpoint(done)
             try:
                 raise KeyboardInterrupt
             except KeyboardInterrupt:

@@ -31,6 +31,7 @@ on the same data distribution and dataset position, but not the same batches.
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -60,25 +61,67 @@ def _missing(directory: Path) -> list[str]:
     return [name for name in CHECKPOINT_FILES if not (directory / name).is_file()]
 
 
-def find_checkpoint(path: str | Path) -> Path:
+def damage(directory: Path) -> str | None:
+    """Why a checkpoint directory that has every file cannot be read (a truncated or corrupted
+    file, e.g. from a run killed while writing), or None. Reads the safetensors headers (which
+    know every tensor's extent) and checks the CRCs of trainer_state.pt (a zip archive)."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    for name in CHECKPOINT_FILES:
+        path = directory / name
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(str(path), framework="pt") as f:
+                    keys = list(f.keys())
+                    if keys:
+                        f.get_slice(keys[-1])
+                size = path.stat().st_size
+                if size < 8:
+                    return f"{path} is truncated ({size} bytes)"
+            elif name.endswith(".pt"):
+                with zipfile.ZipFile(path) as z:
+                    bad = z.testzip()
+                if bad is not None:
+                    return f"{path} is damaged (entry {bad} fails its checksum)"
+            else:
+                json.loads(path.read_text())
+        except Exception as e:  # each library raises its own type for a damaged file
+            return f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'truncated'})"
+    return None
+
+
+def find_checkpoint(path: str | Path, report: bool = True) -> Path:
     """The checkpoint to resume from: `path` itself, or the newest complete one inside it.
 
-    Raises FileNotFoundError naming the directory and the files it lacks.
+    A newest checkpoint that is incomplete or damaged is skipped for the newest good one (said
+    on stdout when `report`). Raises FileNotFoundError naming the directory and the files it
+    lacks, or the file that is damaged.
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist (or is not a directory)")
     if not _missing(path):
+        why = damage(path)
+        if why is not None:
+            raise FileNotFoundError(f"checkpoint {path} is damaged: {why}")
         return path
-    candidates = [p for p in path.iterdir() if p.is_dir() and not _missing(p)]
-    if candidates:
 
-        def key(p: Path) -> tuple[int, float]:
-            return (int(p.name) if p.name.isdigit() else -1, p.stat().st_mtime)
+    def key(p: Path) -> tuple[int, float]:
+        return (int(p.name) if p.name.isdigit() else -1, p.stat().st_mtime)
 
-        return max(candidates, key=key)
-    subdirs = [p for p in path.iterdir() if p.is_dir()]
-    where = f"; its sub-directories lack them too ({', '.join(sorted(p.name for p in subdirs))})" if subdirs else ""
+    subdirs = sorted((p for p in path.iterdir() if p.is_dir()), key=key, reverse=True)
+    skipped: list[str] = []
+    for candidate in subdirs:
+        missing = _missing(candidate)
+        why = f"missing {', '.join(missing)}" if missing else damage(candidate)
+        if why is None:
+            if skipped and report:
+                print(f"resume: skipped {'; '.join(skipped)}; resuming from {candidate}", flush=True)
+            return candidate
+        skipped.append(f"{candidate.name} ({why})")
+    where = f"; its sub-directories are unusable too ({'; '.join(skipped)})" if skipped else ""
     raise FileNotFoundError(
         f"checkpoint {path} is incomplete: missing {', '.join(_missing(path))}{where}. "
         "SAELens writes complete checkpoints when n_checkpoints > 0 (a Ctrl-C leaves a partial "
