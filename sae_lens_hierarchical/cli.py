@@ -23,6 +23,7 @@ so two runs of one config give identical weights on CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import os
 import sys
@@ -32,7 +33,7 @@ from typing import Any
 import yaml
 
 import sae_lens_hierarchical  # noqa: F401  (registers the architecture)
-from sae_lens_hierarchical import cli_args, pipeline
+from sae_lens_hierarchical import cli_args, pipeline, validation
 
 
 class ConfigError(ValueError):
@@ -90,12 +91,16 @@ def _checked(section: dict[str, Any], cls: type, where: str, path: str, skip: tu
 DEFAULT_SEED = 42
 
 
-def load_runner_config(path: str | Path, overrides: list[str] | None = None) -> Any:
+def load_runner_config(
+    path: str | Path, overrides: list[str] | None = None, overwrite: bool = False, allow_config_change: bool = False
+) -> Any:
     """Parse and validate a YAML runner config into SAELens's config object (no model loads)."""
-    return _load(path, overrides)[0]
+    return _load(path, overrides, overwrite, allow_config_change)[0]
 
 
-def _load(path: str | Path, overrides: list[str] | None = None) -> tuple[Any, int]:
+def _load(
+    path: str | Path, overrides: list[str] | None = None, overwrite: bool = False, allow_config_change: bool = False
+) -> tuple[Any, int]:
     """(runner config, seed) from a YAML file plus `--set` overrides, all checked."""
     from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
     from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
@@ -105,7 +110,9 @@ def _load(path: str | Path, overrides: list[str] | None = None) -> tuple[Any, in
     path = str(path)
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f)
+            raw = validation.load_yaml(f.read(), path)
+    except cli_args.FieldError as e:
+        raise ConfigError(str(e)) from None
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except yaml.YAMLError as e:
@@ -143,11 +150,22 @@ def _load(path: str | Path, overrides: list[str] | None = None) -> tuple[Any, in
     _checked(logger, LoggingConfig, "logger.", path)
     if synthetic and isinstance(raw["synthetic_model"], dict):
         _checked(raw["synthetic_model"], SyntheticModelConfig, "synthetic_model.", path)
-    if not synthetic and raw.get("resume_from_checkpoint") is not None:
+    try:
+        validation.check_ranges(raw, "", path)
+        if not synthetic and raw.get("model_class_name", "HookedTransformer") == "HookedTransformer":
+            defaults = {f.name: f.default for f in dataclasses.fields(LanguageModelSAERunnerConfig)}
+            model_name = raw.get("model_name", defaults["model_name"])
+            validation.check_model_name(model_name, "model_name", path)
+            hook = raw.get("hook_name", defaults["hook_name"])
+            validation.check_layer(model_name, validation.hook_layer(hook), "hook_name", hook, path)
+    except cli_args.FieldError as e:
+        raise ConfigError(str(e)) from None
+    resume = None if synthetic else raw.get("resume_from_checkpoint")
+    if resume is not None:
         from sae_lens_hierarchical.integrations.resume import find_checkpoint
 
         try:
-            raw["resume_from_checkpoint"] = str(find_checkpoint(raw["resume_from_checkpoint"]))
+            raw["resume_from_checkpoint"] = resume = str(find_checkpoint(resume))
         except FileNotFoundError as e:
             raise ConfigError(f"{path}: resume_from_checkpoint: {e}") from None
 
@@ -155,7 +173,51 @@ def _load(path: str | Path, overrides: list[str] | None = None) -> tuple[Any, in
         cfg = runner_cls.from_dict(raw)
     except (TypeError, ValueError, KeyError) as e:
         raise ConfigError(f"{path}: invalid value: {e}") from None
+    if resume is not None and not allow_config_change:
+        _check_resumed_config(path, cfg.sae, Path(resume))
+    if not overwrite and resume is None:
+        _check_output_free(path, cfg.output_path)
     return cfg, int(seed if synthetic else cfg.seed)  # type: ignore[union-attr]
+
+
+# SAE config fields a resumed run may change: where it runs and how it is labelled, not the
+# model or its L0 budget.
+RESUMABLE_CHANGES = {"device", "metadata", "dtype"}
+
+
+def _check_resumed_config(path: str, sae_cfg: Any, checkpoint: Path) -> None:
+    """Resuming with a config whose SAE differs from the checkpoint's (its shape, its budget, its
+    losses) would silently continue another model: an error naming the fields."""
+    import json
+
+    try:
+        saved = json.loads((checkpoint / "cfg.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: resume_from_checkpoint: {checkpoint / 'cfg.json'} cannot be read ({e})") from None
+    now = sae_cfg.to_dict()
+    changed = [
+        f"sae.{key}: {saved[key]!r} in the checkpoint, {now[key]!r} now"
+        for key in sorted(set(saved) & set(now) - RESUMABLE_CHANGES)
+        if saved[key] != now[key]
+    ]
+    if changed:
+        raise ConfigError(
+            f"{path}: resuming from {checkpoint} with a different SAE config ({'; '.join(changed)}). "
+            "Resume with the checkpoint's values, or pass --allow-config-change to continue anyway"
+        )
+
+
+def _check_output_free(path: str, output_path: str | None) -> None:
+    """Refuse to train over a saved SAE: its weights would be replaced without a word."""
+    if output_path is None:
+        return
+    out = Path(output_path)
+    held = [name for name in ("cfg.json", "sae_weights.safetensors") if (out / name).is_file()]
+    if held:
+        raise ConfigError(
+            f"{path}: output_path {str(out)!r} already holds a saved SAE ({', '.join(held)}); choose another "
+            "output_path, pass --overwrite to replace it, or set resume_from_checkpoint to continue its run"
+        )
 
 
 def _offline_overrides(cfg: Any) -> dict[str, Any]:
@@ -191,14 +253,16 @@ def _offline_overrides(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def train(path: str | Path, overrides: list[str] | None = None) -> tuple[Any, str | None]:
+def train(
+    path: str | Path, overrides: list[str] | None = None, overwrite: bool = False, allow_config_change: bool = False
+) -> tuple[Any, str | None]:
     """Train from a YAML config through SAELens's runner; returns (sae, output path)."""
     from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
     from sae_lens.synthetic.synthetic_sae_runner import SyntheticSAERunner
 
     from sae_lens_hierarchical.integrations.resume import seed_everything
 
-    cfg, seed = _load(path, overrides)
+    cfg, seed = _load(path, overrides, overwrite, allow_config_change)
     seed_everything(seed)
     try:
         if isinstance(cfg, LanguageModelSAERunnerConfig):
@@ -229,7 +293,7 @@ def _eval_selected_saes(args: argparse.Namespace, device: str) -> list[tuple[str
     for spec in args.sae:
         try:
             selected.append(common.load_local_sae(spec, device=device))
-        except FileNotFoundError as e:
+        except (FileNotFoundError, common.SAELoadError) as e:
             raise ConfigError(f"--sae {spec}: {e}") from None
     selected += [(release, sae_id) for release, sae_id in args.pretrained]
     if not selected:
@@ -263,6 +327,22 @@ def _eval_model_name(args: argparse.Namespace, selected: list[tuple[str, Any]]) 
     return found.pop()
 
 
+def _check_hooks(args: argparse.Namespace, selected: list[tuple[str, Any]], model_name: str) -> None:
+    """Every local SAE reads a hook the model has, checked before the model loads."""
+    specs = iter(args.sae)
+    for name, sae in selected:
+        if isinstance(sae, str):
+            continue
+        spec = next(specs, name)
+        hook = sae.cfg.metadata.hook_name
+        if not hook:
+            raise ConfigError(
+                f"--sae {spec}: its cfg.json names no hook_name (an SAE trained on synthetic data?); "
+                "the evals read a language model's activations at the SAE's hook"
+            )
+        validation.check_layer(model_name, validation.hook_layer(hook), f"--sae {spec} hook_name", hook, "hsae eval")
+
+
 def evaluate(args: argparse.Namespace) -> str:
     """`hsae eval`: run the evals, write the report; returns report.md's path."""
     import torch
@@ -272,8 +352,11 @@ def evaluate(args: argparse.Namespace) -> str:
 
     evals = _parse_evals(args.evals)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.model:
+        validation.check_model_name(args.model, "--model", "hsae eval")
     selected = _eval_selected_saes(args, device)
     model_name = _eval_model_name(args, selected)
+    _check_hooks(args, selected, model_name)
     # Load the model as SAE-Bench would for the first SAE (its model_from_pretrained_kwargs).
     release, first = selected[0]
     if isinstance(first, str):
@@ -308,6 +391,7 @@ def evaluate(args: argparse.Namespace) -> str:
         probe_context_length=args.context_size,
         probe_data_dir=args.probe_data_dir,
         path_n_latents=args.path_latents,
+        trust_remote_code=args.trust_remote_code,
     )
     explicit = [] if args.evals in ("default", "all") else evals
     status = run_all.run_all_evals(
@@ -341,11 +425,12 @@ def _parse_evals(spec: str) -> list[str]:
     return evals
 
 
-def _add_eval_parser(sub: Any) -> None:
+def _add_eval_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     from sae_lens_hierarchical.evals.run_all import ALL_EVALS, DEFAULT_EVALS
 
     p = sub.add_parser(
         "eval",
+        parents=[common],
         help="evaluate SAEs with the plugin and stock SAE-Bench evals, then write a comparison report",
         description=(
             "Run the plugin evals (hierarchy, levelwise, path_attribution) and the applicable "
@@ -416,14 +501,24 @@ def _add_eval_parser(sub: Any) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--force-rerun", action="store_true", help="recompute results that exist")
+    p.add_argument(
+        "--force-rerun",
+        action="store_true",
+        help="recompute results that exist (results made from other weights are always recomputed)",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let a Hugging Face --dataset run its own loading script (off: such datasets are refused)",
+    )
 
 
-def _add_demo_parser(sub: Any) -> None:
+def _add_demo_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     from sae_lens_hierarchical.demo import DemoConfig
 
     p = sub.add_parser(
         "demo",
+        parents=[common],
         help="the main job: train an HSAE and flat SAEs on a real offline LM, evaluate, report",
         description=(
             "Train a hierarchical SAE and flat SAEs (BatchTopK, Matryoshka) of the same width and L0 "
@@ -442,10 +537,12 @@ def demo(args: argparse.Namespace) -> int:
 
     try:
         cfg = cli_args.from_args(DemoConfig, args)
+        validation.check_model_name(cfg.model, "--model", "hsae demo")
+        validation.check_layer(cfg.model, cfg.layer, "--layer", cfg.layer, "hsae demo")
         if cfg.contestants and cfg.contestants[0] != "hierarchical":
             raise ValueError(f"--contestants {cfg.contestants}: the first must be hierarchical")
         pipeline.matched_configs(hsae_config(cfg, 64), cfg.contestants)  # d_in does not matter here
-    except (ValueError, cli_args.OverrideError) as e:
+    except (ValueError, cli_args.OverrideError, cli_args.FieldError) as e:
         raise ConfigError(str(e)) from None
     os.environ.setdefault("WANDB_MODE", "disabled")
     try:
@@ -455,9 +552,10 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_tree_parser(sub: Any) -> None:
+def _add_tree_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "tree",
+        parents=[common],
         help="write a hierarchical SAE's tree as markdown: top roots, children, snippets",
         description=(
             "Read a saved hierarchical SAE on held-out text and write its most frequent roots, their "
@@ -519,15 +617,18 @@ def main(argv: list[str] | None = None) -> int:
             "SAE-Bench's evals and this package's."
         ),
     )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p_train = sub.add_parser(
         "train",
+        parents=[common],
         help="train an SAE from a YAML runner config",
         description=(
             "Train an SAE from CONFIG.yaml through SAELens's runner. The YAML holds "
             "LanguageModelSAERunnerConfig keys (or SyntheticSAERunnerConfig keys when it has "
             "a 'synthetic_model:' section); 'sae:' holds the SAE's fields, with "
-            "architecture: hierarchical by default. Keys and values are checked before any "
+            "architecture: hierarchical by default. Keys, values and their ranges are checked before any "
             "model loads. The trained SAE is saved to output_path in SAELens's format."
         ),
     )
@@ -541,38 +642,64 @@ def main(argv: list[str] | None = None) -> int:
         help="override a config key (dotted for sections, YAML values), e.g. --set sae.k_per_level=[4,8,16]",
     )
     p_train.add_argument("--check", action="store_true", help="only validate the config, then exit")
-    _add_eval_parser(sub)
-    _add_demo_parser(sub)
-    _add_tree_parser(sub)
+    p_train.add_argument(
+        "--overwrite", action="store_true", help="replace an SAE already saved at output_path (refused otherwise)"
+    )
+    p_train.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even though the SAE config differs from the checkpoint's (refused otherwise)",
+    )
+    _add_eval_parser(sub, common)
+    _add_demo_parser(sub, common)
+    _add_tree_parser(sub, common)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 1
     try:
-        if args.command == "train":
-            if args.check:
-                load_runner_config(args.config, args.overrides)
-                print(f"{args.config}: OK")
-                return 0
-            _, out = train(args.config, args.overrides)
-            if out is not None:
-                print(f"Saved SAE to: {Path(out).resolve()}")
-            return 0
-        if args.command == "demo":
-            return demo(args)
-        if args.command == "tree":
-            print(f"Tree: {Path(tree(args)).resolve()}")
-            return 0
-        if args.command == "eval":
-            path = evaluate(args)
-            print(f"Report: {Path(path).resolve()}")
-            return 0
-    except ConfigError as e:
+        return _run(args)
+    except (ConfigError, cli_args.FieldError) as e:
+        if args.debug:
+            raise
         print(f"hsae: error: {e}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:
         print(f"hsae: interrupted: {e}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:
+        kept = {
+            "eval": f"the results of every eval that finished are kept in {getattr(args, 'output_dir', '')} and reused on the next run",
+            "demo": f"what finished is kept in {getattr(args, 'out', '')}",
+        }.get(args.command, "nothing was written")
+        print(f"hsae: interrupted: {kept}", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"hsae: error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        if args.check:
+            load_runner_config(args.config, args.overrides, args.overwrite, args.allow_config_change)
+            print(f"{args.config}: OK")
+            return 0
+        _, out = train(args.config, args.overrides, args.overwrite, args.allow_config_change)
+        if out is not None:
+            print(f"Saved SAE to: {Path(out).resolve()}")
+        return 0
+    if args.command == "demo":
+        return demo(args)
+    if args.command == "tree":
+        print(f"Tree: {Path(tree(args)).resolve()}")
+        return 0
+    if args.command == "eval":
+        path = evaluate(args)
+        print(f"Report: {Path(path).resolve()}")
+        return 0
     return 1
 
 

@@ -573,12 +573,18 @@ def selected_saes_from_args(args: Any) -> list[tuple[str, Any]]:
     return selected
 
 
+class SAELoadError(ValueError):
+    """A local SAE folder cannot be evaluated; the message names the folder or file."""
+
+
 def load_local_sae(spec: str, device: str = "cpu") -> tuple[str, Any]:
     """'[NAME=]DIR' -> (NAME, SAE loaded from DIR); NAME defaults to the directory's name.
 
     As SAE-Bench does for pretrained SAEs, decoder norms are folded when the rows are not
     unit-norm (an SAE saved by SAELens already has them folded).
     """
+    import json
+
     from sae_lens import SAE
 
     name, _, path = spec.rpartition("=")
@@ -586,7 +592,25 @@ def load_local_sae(spec: str, device: str = "cpu") -> tuple[str, Any]:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a directory with an SAE (cfg.json + weights)")
     name = name or os.path.basename(os.path.normpath(path))
-    sae = SAE.load_from_disk(path, device=device)
+    cfg_path = os.path.join(path, "cfg.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path}: not a saved SAE folder (no cfg.json)")
+    try:
+        with open(cfg_path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SAELoadError(f"{cfg_path}: not readable JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise SAELoadError(f"{cfg_path}: must hold a JSON object of SAE config fields, not {type(raw).__name__}")
+    if "architecture" not in raw:
+        raise SAELoadError(f'{cfg_path}: has no \'architecture\' field (e.g. "hierarchical", "batchtopk")')
+    try:
+        sae = SAE.load_from_disk(path, device=device)
+    except Exception as e:  # SAELens's own errors name neither the folder nor the field
+        raise SAELoadError(f"{path}: cannot be loaded as an SAE: {type(e).__name__}: {e}") from e
+    bad = [n for n, t in sae.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise SAELoadError(f"{path}: tensor {bad[0]!r} holds NaN/inf values (saved from a diverged run?)")
     norms = unit_decoder_norms(sae)
     if not torch.allclose(norms, torch.ones_like(norms), atol=1e-4):
         try:

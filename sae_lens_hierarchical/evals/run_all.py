@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +65,8 @@ class RunSettings:
     """Level widths of a flat SAE's level post-hoc tree in the hierarchy eval (adding up to its
     d_sae; e.g. the compared HSAE's level_widths); None: 1:4:16 of d_sae."""
     api_key_env: str = "OPENAI_API_KEY"
+    trust_remote_code: bool = False
+    """Let a Hugging Face dataset named by the user run its own loading script (core eval)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -92,6 +96,62 @@ def working_dir(path: str | None) -> Iterator[None]:
         yield
     finally:
         os.chdir(before)
+
+
+CACHE_MANIFEST = "sae_weights.json"
+
+
+def _cached_files(roots: Sequence[str], prefix: str) -> list[str]:
+    """Files and folders SAE-Bench and the plugin evals keep for the SAE whose result files are
+    named `<prefix>_...` (also `layer_<n>_<prefix>...` and a folder named `<prefix>`)."""
+    pattern = re.compile(rf"^(layer_\d+_)?{re.escape(prefix)}(_|\.|$)")
+    found: list[str] = []
+    for root in dict.fromkeys(roots):
+        for here, dirs, files in os.walk(root):
+            for d in [d for d in dirs if d == prefix]:
+                found.append(os.path.join(here, d))
+                dirs.remove(d)
+            found += [os.path.join(here, f) for f in files if pattern.match(f)]
+    return found
+
+
+def sync_result_cache(
+    saes: Sequence[tuple[str, Any]], output_dir: str, roots: Sequence[str], force_rerun: bool
+) -> None:
+    """Results are reused only for the weights they were made from.
+
+    `output_dir/sae_weights.json` records each local SAE's weights digest
+    (`state_io.tensor_digest`) next to its results. An SAE whose cached results came from other
+    weights (or from before digests were kept) has them removed, so every eval recomputes them;
+    one with the same weights is said to reuse them.
+    """
+    import json
+
+    from sae_lens_hierarchical.state_io import tensor_digest
+
+    manifest_path = os.path.join(output_dir, CACHE_MANIFEST)
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        manifest = {}
+    for release, sae in saes:
+        if isinstance(sae, str):
+            continue  # a pretrained SAE is named by its release id
+        prefix = f"{release}_custom_sae"
+        digest = tensor_digest(sae.state_dict())
+        cached = _cached_files(roots, prefix)
+        if cached and manifest.get(prefix) != digest:
+            for path in cached:
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            why = "other weights" if prefix in manifest else "weights this folder has no record of"
+            print(f"{release}: the cached results in {output_dir} were made from {why}; recomputing them")
+        elif cached and not force_rerun:
+            print(f"{release}: reusing the cached results in {output_dir} (same weights, sha256 {digest[:12]})")
+        manifest[prefix] = digest
+    os.makedirs(output_dir, exist_ok=True)
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f, indent=1)
 
 
 def run_all_evals(
@@ -140,6 +200,7 @@ def run_all_evals(
     key = os.environ.get(s.api_key_env)
     local_probe, probe_msg = probe_data_status(s.probe_datasets, probe_dir)
     probing = ("sparse_probing" in evals) and (local_probe or "sparse_probing" in explicit)
+    sync_result_cache(saes, output_dir, [output_dir, artifacts_path], force_rerun)
 
     shared = dict(
         model_name=model.cfg.model_name,
@@ -204,6 +265,7 @@ def run_all_evals(
                 llm_dtype=s.llm_dtype,
                 force_rerun=force_rerun,
                 shuffle_seed=s.random_seed,
+                trust_remote_code=s.trust_remote_code,
             )
         elif name == "meta_structure":
             stock.run_meta_structure(

@@ -61,6 +61,7 @@ def run_core(
     n_eval_reconstruction_batches: int = 10,
     n_eval_sparsity_variance_batches: int = 1,
     exclude_special_tokens_from_reconstruction: bool = False,
+    trust_remote_code: bool = False,
     llm_dtype: str = "float32",
     force_rerun: bool = False,
     shuffle_seed: int = 42,
@@ -120,7 +121,8 @@ def run_core(
             sae,
             context_size=context_size,
             dataset=dataset,
-            dataset_trust_remote_code=False,  # a dataset named on the command line runs no loading script
+            # A dataset named on the command line runs its loading script only when the user opts in.
+            dataset_trust_remote_code=trust_remote_code,
             store_batch_size_prompts=batch_size_prompts,
             device=device,
         )
