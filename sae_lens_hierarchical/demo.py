@@ -86,6 +86,9 @@ class DemoConfig:
     """Target latents of the path-attribution eval (a full backward pass each)."""
     full_report: bool = True
     """Also write report.md with the eval report's plots."""
+    browse: bool = True
+    """Write the feature-tree browser: browse/<name>/index.html, a static site for every SAE
+    (`hsae browse`), read on the tree.md prompts."""
     tree_prompts: int = 96
     """Held-out prompts mined for tree.md's snippets."""
     tree_roots: int = 8
@@ -163,6 +166,23 @@ def hsae_config(cfg: DemoConfig, d_in: int) -> Any:
         fields[".".join(keys)] = value
     cli_args.check_fields(fields, HierarchicalTrainingSAEConfig, path="hsae demo --set")
     return HierarchicalTrainingSAEConfig(d_in=d_in, d_sae=sum(cfg.level_widths), **fields)
+
+
+def write_browser(
+    out: Path, sae_dirs: dict[str, Path], model: Any, tokens: torch.Tensor, cfg: DemoConfig, results: dict[str, Any]
+) -> Path:
+    """`hsae browse`'s site for every SAE of the run, read on `tokens`; returns the page to open."""
+    from sae_lens import SAE
+
+    from sae_lens_hierarchical import browse
+
+    inputs = browse.read_text(model, tokens, cfg.hook_name, cfg.eval_batch_prompts)
+    built = []
+    for name, folder in sae_dirs.items():
+        sae = SAE.load_from_disk(str(folder), device=cfg.device)
+        headline = browse.headline_from_metrics(results["metrics"].get(name) or {})
+        built.append((name, browse.build_site(sae, inputs, out / name, name=name, headline=headline).parent))
+    return browse.site_index(out, built)
 
 
 def run_demo(
@@ -311,6 +331,12 @@ def run_demo(
             )
             extra.append(("report.md", "the eval comparison report, with its plots in plots/"))
     timings["report"] = time.perf_counter() - t
+    if cfg.browse:
+        t = time.perf_counter()
+        page = write_browser(out / "browse", sae_dirs, model, tree_tokens, cfg, results)
+        extra.append(("browse/index.html", "the feature-tree browser: every SAE's tree, one page per latent"))
+        timings["browse"] = time.perf_counter() - t
+        print(f"  browser: {page.resolve().as_uri()}", flush=True)
     timings["total"] = time.perf_counter() - t_start
     load["end"] = reporting.load_average()
     machine = reporting.machine_info()

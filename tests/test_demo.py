@@ -79,6 +79,22 @@ def test_report_folder_has_every_file(demo_out):
         assert len(files) == len(NAMES), (ev, files)
 
 
+def test_the_demo_writes_a_browser_site_for_every_sae(demo_out):
+    import json
+
+    index = (demo_out / "browse" / "index.html").read_text()
+    for name in NAMES:
+        assert f"href='{name}/index.html'" in index
+        data = (demo_out / "browse" / name / "data" / "index.js").read_text()
+        parsed = json.loads(data.removeprefix("window.HSAE_INDEX = ").rstrip().rstrip(";"))
+        assert parsed["name"] == name and parsed["n_live"] > 0
+        # the headline numbers are the run's own core eval
+        results = json.loads((demo_out / "results.json").read_text())
+        assert parsed["headline"]["ce_loss_score"] == results["metrics"][name]["core"]["ce_loss_score"]
+        assert len(list((demo_out / "browse" / name / "latents").glob("*.html"))) == parsed["n_live"]
+    assert "browse/index.html" in (demo_out / "summary.md").read_text()
+
+
 def test_saes_reload_at_matched_width_and_l0(demo_out):
     from sae_lens import SAE
 
