@@ -262,22 +262,28 @@ def train(
     from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
     from sae_lens.synthetic.synthetic_sae_runner import SyntheticSAERunner
 
+    from sae_lens_hierarchical.integrations import distributed
     from sae_lens_hierarchical.integrations.resume import seed_everything
 
     cfg, seed = _load(path, overrides, overwrite, allow_config_change)
-    seed_everything(seed)
+    if distributed.launched():
+        cfg = _data_parallel_config(path, cfg)
+    seed_everything(seed)  # the same on every rank: every rank starts from the same weights
     try:
         if isinstance(cfg, LanguageModelSAERunnerConfig):
-            runner = LanguageModelSAETrainingRunner(cfg, **_offline_overrides(cfg))
-            if cfg.resume_from_checkpoint is None:  # (a resumed run loads its b_dec)
-                stats = pipeline.mean_activation(
-                    runner.model,  # type: ignore[arg-type]
-                    runner.activations_store.dataset,
-                    cfg.hook_name,
-                    cfg.context_size,
-                )
-                pipeline.start_b_dec_at_mean({"sae": runner.sae}, stats)
-            return runner.run(), cfg.output_path
+            with distributed.data_parallel():
+                runner = LanguageModelSAETrainingRunner(cfg, **_offline_overrides(cfg))
+                if cfg.resume_from_checkpoint is None:  # (a resumed run loads its b_dec)
+                    stats = pipeline.mean_activation(  # the first rows of the whole dataset, on every rank
+                        runner.model,  # type: ignore[arg-type]
+                        runner.activations_store.dataset,
+                        cfg.hook_name,
+                        cfg.context_size,
+                    )
+                    pipeline.start_b_dec_at_mean({"sae": runner.sae}, stats)
+                if distributed.active():
+                    distributed.shard_runner(runner)
+                return runner.run(), cfg.output_path if distributed.rank() == 0 else None
         result = SyntheticSAERunner(cfg).run()
     except BaseException as e:
         if _interrupted(e):
@@ -285,6 +291,32 @@ def train(
         raise
     print(f"final eval: {result.final_eval}")
     return result.sae, cfg.output_path
+
+
+def _data_parallel_config(path: str | Path, cfg: Any) -> Any:
+    """Join torchrun's process group; each rank trains on its shard of the token stream, so it
+    counts 1/N of the config's `training_tokens` (the global count) and keeps its per-rank batch
+    `train_batch_size_tokens` (the global batch is N times it)."""
+    from sae_lens import LanguageModelSAERunnerConfig
+
+    from sae_lens_hierarchical.integrations import distributed
+
+    if not isinstance(cfg, LanguageModelSAERunnerConfig):
+        raise ConfigError(
+            f"{path}: torchrun: only language-model configs train data-parallel (SAELens's synthetic "
+            "runner generates its data in one process); run it without torchrun"
+        )
+    device = distributed.init(cfg.device)
+    n = distributed.world_size()
+    per_rank = cfg.training_tokens // n
+    if per_rank < cfg.train_batch_size_tokens:
+        raise ConfigError(
+            f"{path}: training_tokens={cfg.training_tokens} is less than one step of {n} ranks x "
+            f"train_batch_size_tokens={cfg.train_batch_size_tokens}"
+        )
+    cfg = dataclasses.replace(cfg, training_tokens=per_rank, device=device)
+    cfg.sae.device = device
+    return cfg
 
 
 def _eval_selected_saes(args: argparse.Namespace, device: str) -> list[tuple[str, Any]]:
@@ -800,7 +832,12 @@ def _run(args: argparse.Namespace) -> int:
             load_runner_config(args.config, args.overrides, args.overwrite, args.allow_config_change)
             print(f"{args.config}: OK")
             return 0
-        _, out = train(args.config, args.overrides, args.overwrite, args.allow_config_change)
+        try:
+            _, out = train(args.config, args.overrides, args.overwrite, args.allow_config_change)
+        finally:
+            from sae_lens_hierarchical.integrations import distributed
+
+            distributed.shutdown()
         if out is not None:
             print(f"Saved SAE to: {Path(out).resolve()}")
         return 0

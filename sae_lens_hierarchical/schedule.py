@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from sae_lens_hierarchical.integrations import distributed
 from sae_lens_hierarchical.tree import CoFiring, learned_parents
 
 PREFIX = "_schedule_"  # checkpoint tensors of the schedule (never in an inference file)
@@ -30,8 +31,22 @@ class TreeSchedule:
     def before_step(self, sae: Any) -> None:
         """Re-assign the tree when a window is complete (before the forward pass uses it)."""
         if self.learned and self.steps_done > 0 and self.steps_done % self.cfg.tree_every == 0 and self.counts.co:
+            self.reduce_counts()
             sae.tree_parent.copy_(learned_parents(self.counts, sae.tree_parent, self.cfg.tree_min_cofire))
             self.counts.reset()
+
+    def reduce_counts(self) -> None:
+        """Sum the window's co-firing counts over data-parallel ranks (a no-op in one process)."""
+        for t in self.counts.state().values():
+            distributed.sum_(t)
+
+    def share_counts(self) -> None:
+        """After `reduce_counts` (or loading a checkpoint's global counts): each of N ranks keeps
+        1/N of them, so the next reduction sums to the global counts again."""
+        n = distributed.world_size()
+        if n > 1:
+            for t in self.counts.state().values():
+                t.div_(n)
 
     def after_step(self, acts: torch.Tensor, training: bool) -> None:
         """Count this step's co-firing (training steps only)."""
@@ -49,6 +64,7 @@ class TreeSchedule:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.steps_done = int(state.get(f"{PREFIX}steps", torch.tensor(0)))
         self.counts.load({k[len(PREFIX) :]: v for k, v in state.items() if k != f"{PREFIX}steps"})
+        self.share_counts()  # a checkpoint holds the global counts
 
 
 def pop_schedule_state(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -31,6 +31,7 @@ from typing_extensions import override
 
 from sae_lens_hierarchical import losses, state_io
 from sae_lens_hierarchical.config import HierarchicalTrainingSAEConfig
+from sae_lens_hierarchical.integrations.distributed import min_over_ranks
 from sae_lens_hierarchical.projections import FactoredRows
 from sae_lens_hierarchical.schedule import TreeSchedule, pop_schedule_state
 from sae_lens_hierarchical.tree import fixed_parents, gate, no_parents
@@ -94,15 +95,16 @@ class HierarchicalTrainingSAE(TreeAccess, FactoredRows, MatryoshkaBatchTopKTrain
         # The first update starts the average at its first target (SAELens's starts at 0 and needs
         # hundreds of steps to get there: a short run's saved SAE then fires several times k).
         lr = self.cfg.topk_threshold_lr if bool((self.topk_threshold > 0).any()) else 1.0
+        # (min_over_ranks: the minimum over every data-parallel rank's batch; in one process, the batch's)
         if self.cfg.k_per_level is None:  # one budget: one minimum, the same for every level
-            kept = acts_topk[acts_topk > 0]
-            if kept.numel():
-                self.topk_threshold.mul_(1 - lr).add_(lr * kept.min().double())
+            low = min_over_ranks(acts_topk[acts_topk > 0])
+            if low is not None:
+                self.topk_threshold.mul_(1 - lr).add_(lr * low)
             return
         for level, acts in enumerate(acts_topk.split(self.cfg.level_widths or [], dim=-1)):
-            kept = acts[acts > 0]
-            if kept.numel():
-                self.topk_threshold[level] = (1 - lr) * self.topk_threshold[level] + lr * kept.min().double()
+            low = min_over_ranks(acts[acts > 0])
+            if low is not None:
+                self.topk_threshold[level] = (1 - lr) * self.topk_threshold[level] + lr * low
 
     # --- 2 and 3. the training step -----------------------------------------------------------
     @override
