@@ -9,7 +9,6 @@ Decoding is SAELens's linear decode, so SAE-Bench, SAELens's evals and HookedSAE
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,12 +39,6 @@ class HierarchicalSAE(TreeAccess, JumpReLUSAE):
         hidden_pre = self.hook_sae_acts_pre(sae_in @ self.W_enc + self.b_enc)
         acts = self.activation_fn(hidden_pre) * (hidden_pre > self.threshold).to(hidden_pre.dtype)
         return self.hook_sae_acts_post(gate(acts, self.tree_parent, self.cfg.level_widths or []))
-
-    @override
-    def save_model(self, path: str | Path) -> tuple[Path, Path]:
-        paths = super().save_model(path)
-        state_io.write_checksum(*paths)
-        return paths
 
     @override
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:

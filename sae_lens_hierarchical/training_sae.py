@@ -163,12 +163,6 @@ class HierarchicalTrainingSAE(TreeAccess, FactoredRows, MatryoshkaBatchTopKTrain
         state_dict.update(self.schedule.state_dict())  # a checkpoint resumes the schedule exactly
 
     @override
-    def save_model(self, path: str | Path) -> tuple[Path, Path]:
-        paths = super().save_model(path)
-        state_io.write_checksum(*paths)
-        return paths
-
-    @override
     def save_inference_model(self, path: str | Path) -> tuple[Path, Path]:
         paths = super().save_inference_model(path)
         state_io.write_checksum(*paths)

@@ -1,12 +1,15 @@
-"""Tree accessors shared by the inference and the training SAE (`tree_parent` is a buffer of both)."""
+"""Tree accessors shared by the inference and the training SAE (`tree_parent` is a buffer of both),
+and the checksum both write when they save."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from sae_lens_hierarchical import state_io
 from sae_lens_hierarchical.tree import children_of, level_of_latents, path_to
 
 
@@ -16,6 +19,12 @@ class TreeAccess:
 
     cfg: Any
     tree_parent: torch.Tensor
+
+    def save_model(self, path: str | Path) -> tuple[Path, Path]:
+        """SAELens's save, plus the tensors' checksum in cfg.json (`state_io.write_checksum`)."""
+        paths = super().save_model(path)  # type: ignore[misc]
+        state_io.write_checksum(*paths)
+        return paths
 
     @property
     def n_levels(self) -> int:

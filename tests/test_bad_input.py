@@ -5,6 +5,7 @@ exits 2 (usage) or 1 (fault) without a traceback, and happens before any model l
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -236,7 +237,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_says_so(tmp_path, capsys):
     ('{"d_in": 8}', "has no 'architecture' field"),
     ("[1, 2]", "must hold a JSON object of SAE config fields, not list"),
     ("null", "must hold a JSON object of SAE config fields, not NoneType"),
-    ("{not json", "not readable JSON"),
+    ("{not json", "cfg.json is not valid JSON"),
 ])
 def test_eval_names_the_sae_whose_cfg_json_is_bad(cfg_text, expected, saved, tmp_path, capsys):
     (saved / "cfg.json").write_text(cfg_text)
@@ -309,3 +310,28 @@ def test_validation_reads_no_weights_for_an_offline_layer_count():
     assert validation.model_n_layers("smollm2-135m") == 30
     assert validation.model_n_layers("gemma-3-270m") == 18
     assert validation.model_n_layers("not-a-model") is None
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda _cfg: [1, 2], "must hold a JSON object of SAE config fields, not list"),
+    (lambda _cfg: None, "must hold a JSON object of SAE config fields, not NoneType"),
+    (lambda cfg: {k: v for k, v in cfg.items() if k != "architecture"}, "has no 'architecture' field"),
+])
+def test_library_loading_names_cfg_json(edit, expected, saved):
+    from sae_lens import SAE
+
+    cfg = json.loads((saved / "cfg.json").read_text())
+    (saved / "cfg.json").write_text(json.dumps(edit(cfg)))
+    with pytest.raises(HierarchicalSAELoadError, match=re.escape(f"{saved / 'cfg.json'}: {expected}")):
+        SAE.load_from_disk(str(saved))
+
+
+def test_training_load_of_rising_density_names_the_file(saved):
+    """The training fields an inference cfg.json keeps are checked with the file named."""
+    from sae_lens import TrainingSAE
+
+    cfg = json.loads((saved / "cfg.json").read_text())
+    cfg["metadata"]["training_architecture_details"]["k_per_level"] = [0.2, 0.8, 5.0]  # denser deeper (widths 4, 16, 64)
+    (saved / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(HierarchicalSAELoadError, match=re.escape(f"{saved / 'cfg.json'} (metadata.training_architecture_details)")):
+        TrainingSAE.load_from_disk(str(saved))

@@ -583,8 +583,6 @@ def load_local_sae(spec: str, device: str = "cpu") -> tuple[str, Any]:
     As SAE-Bench does for pretrained SAEs, decoder norms are folded when the rows are not
     unit-norm (an SAE saved by SAELens already has them folded).
     """
-    import json
-
     from sae_lens import SAE
 
     name, _, path = spec.rpartition("=")
@@ -595,16 +593,7 @@ def load_local_sae(spec: str, device: str = "cpu") -> tuple[str, Any]:
     cfg_path = os.path.join(path, "cfg.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path}: not a saved SAE folder (no cfg.json)")
-    try:
-        with open(cfg_path) as f:
-            raw = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SAELoadError(f"{cfg_path}: not readable JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise SAELoadError(f"{cfg_path}: must hold a JSON object of SAE config fields, not {type(raw).__name__}")
-    if "architecture" not in raw:
-        raise SAELoadError(f'{cfg_path}: has no \'architecture\' field (e.g. "hierarchical", "batchtopk")')
-    try:
+    try:  # (the loading patches name cfg.json's problems: integrations/patches.py)
         sae = SAE.load_from_disk(path, device=device)
     except Exception as e:  # SAELens's own errors name neither the folder nor the field
         raise SAELoadError(f"{path}: cannot be loaded as an SAE: {type(e).__name__}: {e}") from e

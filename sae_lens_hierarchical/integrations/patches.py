@@ -109,7 +109,11 @@ def _check_cfg(cfg_dict: Any, cfg_path: Path) -> None:
     from sae_lens_hierarchical.state_io import HierarchicalSAELoadError
 
     if not isinstance(cfg_dict, dict):
-        return
+        raise HierarchicalSAELoadError(
+            f"{cfg_path}: must hold a JSON object of SAE config fields, not {type(cfg_dict).__name__}"
+        )
+    if "architecture" not in cfg_dict:
+        raise HierarchicalSAELoadError(f'{cfg_path}: has no \'architecture\' field (e.g. "hierarchical", "batchtopk")')
     arch = cfg_dict.get("architecture")
     if not isinstance(arch, str) or not arch.startswith(ARCHITECTURE):
         return
@@ -131,6 +135,12 @@ def _check_cfg(cfg_dict: Any, cfg_path: Path) -> None:
         cls.from_dict(dict(cfg_dict))
     except (ValueError, TypeError, KeyError) as e:
         raise HierarchicalSAELoadError(f"{cfg_path}: {e}") from e
+    details = (cfg_dict.get("metadata") or {}).get("training_architecture_details")
+    if cls is HierarchicalSAEConfig and details:  # what TrainingSAE.load_from_disk builds from it
+        try:
+            HierarchicalTrainingSAEConfig.from_dict(dict(cfg_dict))
+        except (ValueError, TypeError, KeyError) as e:
+            raise HierarchicalSAELoadError(f"{cfg_path} (metadata.training_architecture_details): {e}") from e
 
 
 def _wrap_config_reader(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -139,6 +149,11 @@ def _wrap_config_reader(original: Callable[..., Any]) -> Callable[..., Any]:
         path: str | Path, device: str | None = None, cfg_overrides: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         cfg_path = Path(path) / "cfg.json"
+        raw: Any = {}
+        with contextlib.suppress(OSError, ValueError):  # (unreadable files: SAELens's own error, wrapped below)
+            raw = json.loads(cfg_path.read_text())
+        if not isinstance(raw, dict):  # SAELens would fail indexing it, without naming the file
+            _check_cfg(raw, cfg_path)
         try:
             cfg_dict = original(path, device, cfg_overrides)
         except json.JSONDecodeError as e:
