@@ -54,16 +54,16 @@ class Activations:
     n_tokens: int  # tokens counted (special tokens are not)
     d_sae: int
 
-    def dense_chunks(self, chunk: int = 4096) -> Iterator[torch.Tensor]:
-        """Dense [chunk, d_sae] blocks of counted tokens, in token order (re-iterable use: call again)."""
-        order = torch.argsort(self.rows, stable=True)
-        rows, cols, vals = self.rows[order], self.cols[order], self.vals[order]
-        kept = torch.unique(rows)
-        for s in range(0, kept.numel(), chunk):
-            ids = kept[s : s + chunk]
-            lo, hi = torch.searchsorted(rows, ids[0]), torch.searchsorted(rows, ids[-1], right=True)
+    def dense_chunks(self, tokens: torch.Tensor | None = None, chunk: int = 4096) -> Iterator[torch.Tensor]:
+        """Dense [chunk, d_sae] blocks of the activations of `tokens` (sorted token indices;
+        default: every token that fires), in order. `rows` is sorted (`encode_sparse` writes
+        token by token), so each block is one slice of it."""
+        tokens = torch.unique(self.rows) if tokens is None else tokens
+        for s in range(0, tokens.numel(), chunk):
+            ids = tokens[s : s + chunk]
+            lo, hi = torch.searchsorted(self.rows, ids[0]), torch.searchsorted(self.rows, ids[-1], right=True)
             block = torch.zeros(ids.numel(), self.d_sae)
-            block[torch.searchsorted(ids, rows[lo:hi]), cols[lo:hi]] = vals[lo:hi]
+            block[torch.searchsorted(ids, self.rows[lo:hi]), self.cols[lo:hi]] = self.vals[lo:hi]
             yield block
 
 
@@ -140,12 +140,8 @@ def level_summary(sae: Any, inputs: SiteInputs, acts: Activations, tree: common.
     total = float(((x - x.mean(0)) ** 2).sum())
     resid = [0.0] * tree.n_levels
     device, dtype = sae.W_dec.device, sae.W_dec.dtype
-    for s in range(0, kept.numel(), 2048):
-        ids = kept[s : s + 2048]
-        dense = torch.zeros(ids.numel(), acts.d_sae)
-        sel = torch.isin(acts.rows, ids)
-        dense[torch.searchsorted(ids, acts.rows[sel]), acts.cols[sel]] = acts.vals[sel]
-        xb = inputs.x[ids].to(device, dtype)
+    for s, dense in zip(range(0, kept.numel(), 2048), acts.dense_chunks(kept, 2048)):
+        xb = inputs.x[kept[s : s + 2048]].to(device, dtype)
         for level in range(tree.n_levels):
             x_hat = sae.decode((dense * (levels <= level).float()).to(device, dtype))
             resid[level] += float(((xb - x_hat) ** 2).sum())
@@ -319,7 +315,8 @@ def build_site(
     p_parent, p_child = edge_stats(tree, acts)
 
     # per-latent: top contexts (distinct tokens, highest activation), histogram, top tokens
-    order = torch.argsort(acts.cols * 1e9 - acts.vals.double(), stable=True)  # by latent, activation descending
+    by_value = torch.argsort(acts.vals, descending=True, stable=True)
+    order = by_value[torch.argsort(acts.cols[by_value], stable=True)]  # by latent, activation descending
     cols_sorted = acts.cols[order]
     starts = torch.searchsorted(cols_sorted, torch.arange(acts.d_sae))
     ends = torch.searchsorted(cols_sorted, torch.arange(acts.d_sae), right=True)

@@ -607,9 +607,19 @@ def _add_tree_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
+def _heldout_tokens(model: Any, dataset: str, context_size: int, prompts: int) -> Any:
+    """The first `prompts` rows of an offline text's held-out documents (every 10th, as the demo)."""
+    import torch
+
+    from sae_lens_hierarchical import models
+
+    _, held = pipeline.split_texts(models.load_text(dataset), 10)  # type: ignore[arg-type]
+    rows = pipeline.pack(model, held, context_size)[:prompts]["tokens"]
+    return rows.long() if isinstance(rows, torch.Tensor) else torch.tensor(rows, dtype=torch.long)
+
+
 def tree(args: argparse.Namespace) -> str:
     """`hsae tree`: the tree of a saved hierarchical SAE as markdown; returns the file's path."""
-    import torch
     from sae_lens import SAE
 
     from sae_lens_hierarchical import models, reporting
@@ -626,9 +636,7 @@ def tree(args: argparse.Namespace) -> str:
         model = models.load_model(name, device=args.device)
     except models.OfflineModelPackageMissing as e:
         raise ConfigError(str(e)) from None
-    _, held = pipeline.split_texts(models.load_text(args.dataset), 10)  # the held-out plays, as the demo
-    rows = pipeline.pack(model, held, args.context_size)[: args.prompts]["tokens"]
-    tokens = rows.long() if isinstance(rows, torch.Tensor) else torch.tensor(rows, dtype=torch.long)
+    tokens = _heldout_tokens(model, args.dataset, args.context_size, args.prompts)
     md, _ = reporting.tree_markdown(
         sae,
         model,
@@ -670,8 +678,6 @@ def browse(args: argparse.Namespace) -> str:
     """`hsae browse`: every SAE's site under --out; returns the page to open."""
     import shutil
     import tempfile
-
-    import torch
 
     from sae_lens_hierarchical import browse as site
     from sae_lens_hierarchical import models
@@ -719,9 +725,7 @@ def browse(args: argparse.Namespace) -> str:
             raise ConfigError(
                 f"{folder}: d_in={sae.cfg.d_in} but {model_name}'s residual stream has {d_model} dimensions"
             )
-    _, held = pipeline.split_texts(models.load_text(args.dataset), 10)  # the held-out documents, as the demo
-    rows = pipeline.pack(model, held, args.context_size)[: args.prompts]["tokens"]
-    tokens = rows.long() if isinstance(rows, torch.Tensor) else torch.tensor(rows, dtype=torch.long)
+    tokens = _heldout_tokens(model, args.dataset, args.context_size, args.prompts)
     out = Path(args.out)
     single = len(saes) == 1 and (Path(args.path) / "cfg.json").is_file()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -85,10 +85,11 @@ def global_threshold(flat: torch.Tensor, n_keep: int) -> torch.Tensor:
 
 def min_over_ranks(values: torch.Tensor) -> torch.Tensor | None:
     """The minimum of `values` over every rank (None when no rank has any)."""
+    if not active():  # one process (the training hot path): no extra device sync
+        return values.min().detach().double() if values.numel() else None
     local = values.min().detach().double() if values.numel() else torch.tensor(float("inf"), dtype=torch.double)
     local = local.to(values.device).reshape(1)
-    if active():
-        dist.all_reduce(local, op=dist.ReduceOp.MIN)
+    dist.all_reduce(local, op=dist.ReduceOp.MIN)
     return local[0] if torch.isfinite(local[0]) else None
 
 
