@@ -266,8 +266,6 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(md + (f"\n\n![CE loss score against L0]({plot.name})\n" if plot else "\n"))
         print(md)
         return 0
-    if args.contestants[0] != "hierarchical":
-        ap.error("the first contestant must be hierarchical")
     args.work = args.work or str(Path("hsae_runs/lm_bench") / args.out.stem)
     data = run(args, list(sys.argv[1:] if argv is None else argv))
     args.out.parent.mkdir(parents=True, exist_ok=True)

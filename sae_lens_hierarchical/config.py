@@ -23,6 +23,7 @@ from typing_extensions import override
 ARCHITECTURE = "hierarchical"
 Gate = Literal["none", "hard"]
 TreeMode = Literal["learned", "fixed"]
+TreeAssign = Literal["cofire", "encoder", "decoder"]
 # Stateful run-time normalisations delete their statistics on the first decode, so the
 # prefix decodes of training would fail (SAELens's Matryoshka SAE has the same limit).
 TRAINABLE_NORMALIZATIONS = ("none", "expected_average_only_in")
@@ -170,12 +171,22 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
     tree_min_cofire: float = 0.05
     """A latent whose best parent has P(parent on | latent on) below this keeps no parent (it is
     outside the tree, reported as such)."""
+    tree_assign: TreeAssign = "cofire"
+    """How a learned tree picks parents. "cofire": the most specific latent one level up that fires
+    on half of the latent's firings. "encoder" / "decoder" (experimental, Luo et al. 2026): the
+    latent one level up whose encoder / decoder direction is most similar, co-firing or not."""
+    tree_unassigned: float = 0.2
+    """With tree_assign "encoder" / "decoder": the share of each level's latents, lowest best
+    similarity first, left outside the tree (Luo et al. leave 20 %)."""
     kl_coefficient: float = 0.0
     """Weight of the KL consistency term: each level's activation mass against its children's,
     pooled onto their parents."""
     l2_coefficient: float = 0.05
     """Weight of the L2 consistency term (Luo et al. 2026): on tokens where some child of a parent
     fires, the parent's activation should equal the sum of its children's."""
+    l2_children_grad: bool = True
+    """Experimental: False stops the L2 term's gradient on the children's side, so it only pulls
+    a parent towards the sum of its children (necessity) and never pushes a child down."""
     projection_rank: int | None = None
     """Seed design (ablation): each parent owns a learned rank-r subspace in which its children's
     encoder and decoder rows live (H-SAE). Needs `tree: fixed`. None: unfactored rows."""
@@ -231,6 +242,10 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
             raise config_error("tree_every", self.tree_every, "it must be an integer >= 1")
         if not 0 <= self.tree_min_cofire <= 1:
             raise config_error("tree_min_cofire", self.tree_min_cofire, "it must be in [0, 1]")
+        if self.tree_assign not in ("cofire", "encoder", "decoder"):
+            raise config_error("tree_assign", self.tree_assign, "allowed: 'cofire', 'encoder', 'decoder'")
+        if not 0 <= self.tree_unassigned < 1:
+            raise config_error("tree_unassigned", self.tree_unassigned, "it must be in [0, 1)")
         if self.projection_rank is not None:
             if self.tree != "fixed":
                 raise config_error(

@@ -84,12 +84,15 @@ def consistency_kl(
     return (kl.sum(0) / valid.sum(0).clamp(min=1)).sum()
 
 
-def consistency_l2(acts: Tensor, pre_acts: Tensor, parent: Tensor) -> Tensor:
+def consistency_l2(acts: Tensor, pre_acts: Tensor, parent: Tensor, children_grad: bool = True) -> Tensor:
     """Mean over tokens of sum over parents p of (relu(pre_p) - sum_{c: parent c = p} a_c)^2,
     counted only where some child of p fires.
 
     acts: selected activations [N, d_sae]; pre_acts: the pre-activations they came from (same
-    units). Returns a scalar (0 attached to the graph when the tree has no edges).
+    units). children_grad: False stops the gradient on the children's side, so only the parent
+    moves (towards its children's sum); with it a child is also pushed down where its parent is
+    lower, which lets the parent take over the child's direction (absorption, docs/benchmarks.md).
+    Returns a scalar (0 attached to the graph when the tree has no edges).
     """
     child = (parent >= 0).nonzero().squeeze(1)
     if child.numel() == 0:
@@ -99,4 +102,6 @@ def consistency_l2(acts: Tensor, pre_acts: Tensor, parent: Tensor) -> Tensor:
     pooled = acts.new_zeros(acts.shape[0], parents.numel()).index_add(1, slot, acts.index_select(1, child))
     value = pre_acts.index_select(1, parents).relu()
     on = (pooled > 0).to(acts.dtype)
+    if not children_grad:
+        pooled = pooled.detach()
     return (on * (value - pooled).pow(2)).sum(-1).mean()

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from sae_lens_hierarchical.integrations import distributed
-from sae_lens_hierarchical.tree import CoFiring, learned_parents
+from sae_lens_hierarchical.tree import CoFiring, learned_parents, similar_parents
 
 PREFIX = "_schedule_"  # checkpoint tensors of the schedule (never in an inference file)
 
@@ -30,7 +30,13 @@ class TreeSchedule:
 
     def before_step(self, sae: Any) -> None:
         """Re-assign the tree when a window is complete (before the forward pass uses it)."""
-        if self.learned and self.steps_done > 0 and self.steps_done % self.cfg.tree_every == 0 and self.counts.co:
+        if not (self.learned and self.steps_done > 0 and self.steps_done % self.cfg.tree_every == 0):
+            return
+        assign = self.cfg.tree_assign
+        if assign != "cofire":  # from the weights, identical on every rank: nothing to reduce
+            rows = sae.W_enc.detach().T if assign == "encoder" else sae.W_dec.detach()
+            sae.tree_parent.copy_(similar_parents(rows, self.cfg.level_widths, self.cfg.tree_unassigned))
+        elif self.counts.co:
             self.reduce_counts()
             sae.tree_parent.copy_(learned_parents(self.counts, sae.tree_parent, self.cfg.tree_min_cofire))
             self.counts.reset()
@@ -52,7 +58,7 @@ class TreeSchedule:
         """Count this step's co-firing (training steps only)."""
         if not training:
             return
-        if self.learned:
+        if self.learned and self.cfg.tree_assign == "cofire":
             self.counts.add(acts.detach())
         self.steps_done += 1
 

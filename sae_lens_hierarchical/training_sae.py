@@ -143,7 +143,9 @@ class HierarchicalTrainingSAE(TreeAccess, FactoredRows, MatryoshkaBatchTopKTrain
                 out.feature_acts, self.tree_parent, None, levels=self.latent_levels
             )
         if has_edges and cfg.l2_coefficient > 0:
-            l2 = cfg.l2_coefficient * losses.consistency_l2(out.feature_acts, out.hidden_pre, self.tree_parent)
+            l2 = cfg.l2_coefficient * losses.consistency_l2(
+                out.feature_acts, out.hidden_pre, self.tree_parent, children_grad=cfg.l2_children_grad
+            )
         out.losses["kl_consistency_loss"] = kl
         out.losses["l2_consistency_loss"] = l2
         out.loss = out.loss + kl + l2

@@ -125,6 +125,28 @@ def learned_parents(counts: CoFiring, current: torch.Tensor, min_cofire: float) 
     return parent
 
 
+@torch.no_grad()
+def similar_parents(rows: torch.Tensor, level_widths: Sequence[int], unassigned: float) -> torch.Tensor:
+    """Each latent's parent by direction rather than co-firing (Luo et al. 2026): the latent one
+    level up whose row (encoder or decoder direction, `rows` [d_sae, d]) has the highest cosine
+    with its own. Per level, the `unassigned` share of latents with the lowest best cosine keep no
+    parent. Unlike co-firing, this can tie a child to a parent that does not (yet) fire with it,
+    which is what a necessity loss needs in order to undo absorption."""
+    unit = torch.nn.functional.normalize(rows.float(), dim=-1)
+    starts = _starts(level_widths)
+    parent = no_parents(level_widths).to(rows.device)
+    for level in range(1, len(level_widths)):
+        child = unit[starts[level] : starts[level] + level_widths[level]]
+        above = unit[starts[level - 1] : starts[level - 1] + level_widths[level - 1]]
+        best, arg = (child @ above.T).max(-1)
+        keep = torch.ones_like(best, dtype=torch.bool)
+        n_out = int(unassigned * best.numel())
+        if n_out > 0:
+            keep[best.argsort()[:n_out]] = False
+        parent[starts[level] : starts[level] + level_widths[level]] = torch.where(keep, arg + starts[level - 1], -1)
+    return parent
+
+
 def gate(acts: torch.Tensor, parent: torch.Tensor, level_widths: Sequence[int]) -> torch.Tensor:
     """Zero every latent whose parent is off, level by level from the roots (so a latent whose
     grandparent is off goes too). Latents without a parent are never gated. acts [..., d_sae]."""

@@ -99,6 +99,7 @@ RANGES: dict[str, str] = {
     "l2_coefficient": NONNEG,
     "tree_every": POSITIVE,
     "tree_min_cofire": UNIT,
+    "tree_unassigned": UNIT,
     "projection_rank": POSITIVE,
     "n_levels": POSITIVE,
     "n_roots": POSITIVE,

@@ -31,6 +31,23 @@ def test_l2_pulls_an_absent_parent_on_where_its_child_fires():
     assert pre2.grad[0, 0] < 0  # ...but a weak parent is pushed up towards its child's 2.0
 
 
+def test_l2_without_children_grad_moves_only_the_parent():
+    parent = torch.tensor([-1, 0])
+    pre = torch.tensor([[0.3, 2.0]])
+    grads = {}
+    for children_grad in (True, False):
+        acts = torch.tensor([[0.0, 2.0]], requires_grad=True)
+        pre_p = pre.clone().requires_grad_(True)
+        loss = consistency_l2(acts, pre_p, parent, children_grad=children_grad)
+        loss.backward()
+        child_grad = 0.0 if acts.grad is None else acts.grad[0, 1].item()
+        grads[children_grad] = (child_grad, pre_p.grad[0, 0].item())
+        torch.testing.assert_close(loss, torch.tensor((0.3 - 2.0) ** 2))  # the same value either way
+    assert grads[True][0] > 0  # descent pushes the child down towards its weaker parent...
+    assert grads[False][0] == 0  # ...only while its gradient flows
+    assert grads[True][1] == grads[False][1] < 0  # the parent is pulled up in both
+
+
 def test_kl_is_zero_when_children_carry_their_parents_mass_and_positive_otherwise():
     widths = [4, 16, 64]
     parent = fixed_parents(widths)

@@ -188,3 +188,44 @@ def test_start_b_dec_at_mean_without_stats_changes_nothing():
             sae.b_dec.fill_(0.25)
     pipeline.start_b_dec_at_mean(saes, None)
     assert all(torch.equal(sae.b_dec.detach(), torch.full((D_IN,), 0.25)) for sae in saes.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# train_saes: contestants start from one draw
+
+
+def test_contestants_start_from_one_draw_so_the_matryoshka_objective_gives_matryoshka(word_lm, tmp_path):
+    """Every contestant starts from the same seeded weights, so a per-seed comparison differs only
+    by the objective. The check that can fail: the HSAE with SAELens's Matryoshka objective (no L2
+    term, prefix weights 1) ends bit-identical to SAELens's Matryoshka SAE trained beside it, while
+    the default HSAE (same start) does not."""
+    from safetensors.torch import load_file
+
+    rows = pipeline.pack(word_lm, documents(6, 400), 16)
+    matryoshka_objective = h.HierarchicalTrainingSAEConfig(
+        d_in=D_IN, d_sae=D_SAE, level_widths=WIDTHS, k=6.0, l2_coefficient=0.0, level_recon_weights=[1.0, 1.0, 1.0]
+    )
+    cfgs = pipeline.matched_configs(matryoshka_objective, ["hierarchical", "batchtopk", "matryoshka_batchtopk"])
+    default = h.HierarchicalTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, level_widths=WIDTHS, k=6.0)
+    cfgs = {"default": default, **cfgs}
+    starts = {}
+    original = pipeline.start_b_dec_at_mean
+
+    def record(saes, stats):
+        starts.update({n: s.W_dec.detach().clone() for n, s in saes.items()})
+        return original(saes, stats)
+
+    pipeline.start_b_dec_at_mean = record
+    try:
+        pipeline.train_saes(word_lm, rows, cfgs, HOOK, tmp_path, model_name="tiny", dataset_label="docs",
+                            training_tokens=512, context_size=16, batch_tokens=64, seed=3, progress_every=1000)
+    finally:
+        pipeline.start_b_dec_at_mean = original
+    assert all(torch.equal(w, starts["hsae"]) for w in starts.values())  # one draw for all four
+    weights = {n: load_file(str(tmp_path / n / "sae_weights.safetensors")) for n in cfgs}
+    for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        assert torch.equal(weights["hsae"][key], weights["matryoshka"][key]), key
+    # (The inference threshold differs by design: the HSAE's moving average starts at its first
+    # target, SAELens's at 0, which 8 steps do not forget.)
+    assert not torch.equal(weights["default"]["W_dec"], weights["matryoshka"]["W_dec"])
+    assert not torch.equal(weights["batchtopk"]["W_dec"], weights["matryoshka"]["W_dec"])

@@ -190,3 +190,36 @@ def test_widths_need_not_divide():
     warm_up(sae, 8)
     assert (sae.parent_index >= 0).any()
     assert WIDTHS  # (builders import kept for the shared constants)
+
+
+@pytest.mark.parametrize("assign", ["encoder", "decoder"])
+def test_a_similarity_tree_gives_each_child_the_most_similar_latent_one_level_up(assign):
+    sae = training_sae("learned", tree_every=3, tree_assign=assign, tree_unassigned=0.25)
+    x = inputs(256) * 3
+    for _ in range(4):
+        step(sae, x)
+    assert not sae.schedule.counts.co  # nothing counted: the rule reads the weights
+    rows = (sae.W_enc.T if assign == "encoder" else sae.W_dec).detach()
+    unit = torch.nn.functional.normalize(rows, dim=-1)
+    for level, sl in enumerate(sae.level_slices[1:], start=1):
+        above = sae.level_slices[level - 1]
+        # the tree was assigned before step 4 from the weights then; recompute from those
+        par = sae.parent_index[sl]
+        assert (par == -1).sum().item() == int(0.25 * (sl.stop - sl.start))  # the least similar quarter
+        kept = par >= 0
+        assert ((par[kept] >= above.start) & (par[kept] < above.stop)).all()
+    # Assigning from the current weights: the rule is the cosine argmax
+    sae.schedule.steps_done = 6
+    sae.schedule.before_step(sae)
+    for level, sl in enumerate(sae.level_slices[1:], start=1):
+        above = sae.level_slices[level - 1]
+        best = (unit[sl] @ unit[above].T).argmax(-1) + above.start
+        par = sae.parent_index[sl]
+        assert torch.equal(par[par >= 0], best[par >= 0])
+
+
+def test_tree_assign_is_checked():
+    with pytest.raises(ValueError, match="tree_assign='cosine' is invalid; allowed: 'cofire', 'encoder', 'decoder'"):
+        training_sae("learned", tree_assign="cosine")
+    with pytest.raises(ValueError, match="tree_unassigned=1 is invalid"):
+        training_sae("learned", tree_unassigned=1)
