@@ -169,8 +169,10 @@ def _group_key(data: dict[str, Any]) -> tuple[Any, ...]:
     return (c["model"], c["layer"], c["dataset"], c["tokens"], c["k"], json.dumps(hsae, sort_keys=True))
 
 
-def merge(paths: list[Path], columns: tuple[str, ...]) -> tuple[str, list[dict[str, Any]]]:
-    """Mean ± sd over files that share a configuration (seeds); returns (markdown, summary rows)."""
+def merge(paths: list[Path], columns: tuple[str, ...], against: list[Path] | None = None,
+          against_contestant: str = "matryoshka") -> tuple[str, list[dict[str, Any]]]:
+    """Mean ± sd over files that share a configuration (seeds), then the differences paired by
+    seed; returns (markdown, summary rows)."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
     for p in paths:
         groups[_group_key(json.loads(p.read_text()))].append(json.loads(p.read_text()) | {"_path": str(p)})
@@ -201,7 +203,54 @@ def merge(paths: list[Path], columns: tuple[str, ...]) -> tuple[str, list[dict[s
             lines.append(f"| {key[0]} L{key[1]}, {key[2]}, {key[3]:,} | {key[4]:g} | {contestant} | {len(files)} | "
                          + " | ".join(cells) + " |")
     lines += ["", "Files: " + ", ".join(f"`{Path(p).name}`" for p in paths)]
+    paired = paired_differences(groups, columns)
+    if against:
+        base = [json.loads(p.read_text()) | {"_path": str(p)} for p in against]
+        paired += paired_differences(groups, columns, base, against_contestant)[2 if paired else 0:]
+    if paired:
+        lines += ["", "Paired by seed (the same batches and, in runs since the paired start, the same starting "
+                  "weights), HSAE minus contestant, mean ± sd over seeds:", "", *paired]
     return "\n".join(lines), summary
+
+
+def _seed(data: dict[str, Any]) -> int:
+    return int(data["config"]["seed"])
+
+
+def paired_differences(groups: dict[tuple[Any, ...], list[dict[str, Any]]], columns: tuple[str, ...],
+                       against: list[dict[str, Any]] | None = None, against_contestant: str | None = None) -> list[str]:
+    """Markdown rows of per-seed differences "hsae minus X": within each group against its other
+    contestants, or (`against`) each group's HSAE against `against_contestant` of the file with the
+    same seed (e.g. an HSAE variant run alone against the flat SAEs of the main run)."""
+    lines = ["| group | HSAE minus | seeds | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
+    base = {_seed(f): f for f in against or []}
+    base_paths = {f["_path"] for f in against or []}
+    for files in groups.values():
+        if base_paths and {f["_path"] for f in files} <= base_paths:
+            continue  # the baseline's own group
+        diffs: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for f in files:
+            rows = {r["contestant"]: r for r in f["rows"]}
+            if "hsae" not in rows:
+                continue
+            others = ({against_contestant: {r["contestant"]: r for r in base[_seed(f)]["rows"]}.get(against_contestant)}
+                      if against is not None else {n: r for n, r in rows.items() if n != "hsae"})
+            if against is not None and _seed(f) not in base:
+                continue
+            for name, other in others.items():
+                for col in columns:
+                    a, b = rows["hsae"].get(col), (other or {}).get(col)
+                    if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (a, b)):
+                        diffs[name][col].append(float(a) - float(b))  # type: ignore[arg-type]
+        for name, cols in diffs.items():
+            n = max((len(v) for v in cols.values()), default=0)
+            if n < 1:
+                continue
+            cells = [(f"{statistics.fmean(v):+.4f}" + (f" ± {statistics.stdev(v):.4f}" if len(v) > 1 else "")) if v else "–"
+                     for v in (cols.get(c, []) for c in columns)]
+            label = Path(files[0]["_path"]).stem.rsplit("_s", 1)[0]  # the files' name without the seed
+            lines.append(f"| {label} | {name} | {n} | " + " | ".join(cells) + " |")
+    return lines if len(lines) > 2 else []
 
 
 def plot_l0_sweep(summary: list[dict[str, Any]], path: Path, metric: str = "ce_loss_score") -> Path | None:
@@ -256,12 +305,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=None, help="where SAEs and raw eval files go (default: hsae_runs/lm_bench/<out>)")
     ap.add_argument("--out", type=Path, required=True, help="result JSON (or, with --merge, markdown)")
     ap.add_argument("--merge", nargs="+", type=Path, help="merge these result files into --out (markdown)")
+    ap.add_argument("--against", nargs="+", type=Path,
+                    help="with --merge: also pair each merged HSAE with --against-contestant of the file of its seed")
+    ap.add_argument("--against-contestant", default="matryoshka", help="with --against: hsae, batchtopk or matryoshka")
     ap.add_argument("--columns", default=",".join(CONTRACT[:-1]),
                     help="with --merge: row fields to tabulate, comma-separated (e.g. hierarchy_necessity)")
     args = ap.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
     if args.merge:
-        md, summary = merge(args.merge, tuple(c for c in args.columns.split(",") if c))
+        md, summary = merge(args.merge, tuple(c for c in args.columns.split(",") if c), args.against,
+                            args.against_contestant)
         plot = plot_l0_sweep(summary, args.out.with_suffix(".png"))
         args.out.write_text(md + (f"\n\n![CE loss score against L0]({plot.name})\n" if plot else "\n"))
         print(md)

@@ -214,4 +214,31 @@ def test_merge_keeps_different_settings_apart(tmp_path):
     b.write_text(json.dumps(other))
     md, summary = bench.merge([a[0], b], ("ce_loss_score",))
     assert [e["seeds"] for e in summary if e["contestant"] == "hsae"] == [1, 1]
-    assert "±" not in md
+    assert "±" not in md.split("Paired by seed")[0]
+
+
+def test_merge_pairs_contestants_by_seed_and_variants_against_a_baseline_run(tmp_path):
+    bench = load_benchmark()
+    files = seed_files(tmp_path, 24.0, 0.0)
+    out = tmp_path / "paired.md"
+    assert bench.main(["--merge", *map(str, files), "--out", str(out)]) == 0
+    paired = next(ln for ln in out.read_text().splitlines() if ln.startswith("| k24 | batchtopk |"))
+    cells = [c.strip() for c in paired.strip("|").split("|")]
+    # hsae minus batchtopk per seed: 0.90-0.95 and 0.94-0.96
+    assert cells[2] == "2" and cells[3] == f"{statistics.fmean([-0.05, -0.02]):+.4f} ± {statistics.stdev([-0.05, -0.02]):.4f}"
+    # A variant run alone (another HSAE config), paired with the main run's batchtopk of its seed
+    variant = tmp_path / "variant"
+    variant.mkdir()
+    HSAE_FIELDS["l2_coefficient"] = 0.0
+    try:
+        alone = [result_file(variant, seed, 24.0, {"hsae": {"ce_loss_score": 0.97, "absorption": 0.3}})
+                 for seed in (0, 1)]
+    finally:
+        HSAE_FIELDS["l2_coefficient"] = 0.1
+    assert bench.main(["--merge", *map(str, alone), "--against", *map(str, files), "--against-contestant", "batchtopk",
+                       "--columns", "ce_loss_score,absorption", "--out", str(out)]) == 0
+    rows = [ln for ln in out.read_text().splitlines() if "| batchtopk |" in ln and ln.startswith("| k24 |")]
+    assert len(rows) == 1, out.read_text()
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[3] == f"{statistics.fmean([0.02, 0.01]):+.4f} ± {statistics.stdev([0.02, 0.01]):.4f}"
+    assert cells[4] == f"{statistics.fmean([0.2, 0.1]):+.4f} ± {statistics.stdev([0.2, 0.1]):.4f}"
