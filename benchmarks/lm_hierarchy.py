@@ -163,9 +163,16 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
 
 def _group_key(data: dict[str, Any]) -> tuple[Any, ...]:
+    import dataclasses
+
+    from sae_lens_hierarchical.config import HierarchicalTrainingSAEConfig
+
     c = data["config"]
     skip = ("k", "d_in", "d_sae", "matryoshka_widths", "device", "dtype", "metadata")
-    hsae = {k: v for k, v in c["hsae"].items() if k not in skip}
+    # A field at its default is left out, so files written before a field existed group with
+    # files that carry it at that default.
+    defaults = {f.name: f.default for f in dataclasses.fields(HierarchicalTrainingSAEConfig)}
+    hsae = {k: v for k, v in c["hsae"].items() if k not in skip and (k not in defaults or defaults[k] != v)}
     return (c["model"], c["layer"], c["dataset"], c["tokens"], c["k"], json.dumps(hsae, sort_keys=True))
 
 

@@ -220,6 +220,17 @@ def test_merge_keeps_different_settings_apart(tmp_path):
     md, summary = bench.merge([a[0], b], ("ce_loss_score",))
     assert [e["seeds"] for e in summary if e["contestant"] == "hsae"] == [1, 1]
     assert "±" not in md.split("Paired by seed")[0]
+    # A file written before a field existed groups with one that has it at its default...
+    newer = json.loads(a[1].read_text())
+    newer["config"]["hsae"]["tree_assign"] = "cofire"
+    c = tmp_path / "newer.json"
+    c.write_text(json.dumps(newer))
+    _, summary = bench.merge([a[0], c], ("ce_loss_score",))
+    assert [e["seeds"] for e in summary if e["contestant"] == "hsae"] == [2]
+    newer["config"]["hsae"]["tree_assign"] = "encoder"  # ...and not with one set otherwise
+    c.write_text(json.dumps(newer))
+    _, summary = bench.merge([a[0], c], ("ce_loss_score",))
+    assert [e["seeds"] for e in summary if e["contestant"] == "hsae"] == [1, 1]
 
 
 def test_merge_pairs_contestants_by_seed_and_variants_against_a_baseline_run(tmp_path):
