@@ -192,7 +192,7 @@ def merge(paths: list[Path], columns: tuple[str, ...], against: list[Path] | Non
             for row in f["rows"]:
                 for col in columns:
                     v = row.get(col)
-                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    if _is_number(v):
                         per[row["contestant"]][col].append(float(v))
         for contestant, cols in per.items():
             cells, entry = [], {"model": key[0], "layer": key[1], "tokens": key[3], "k": key[4],
@@ -220,6 +220,10 @@ def merge(paths: list[Path], columns: tuple[str, ...], against: list[Path] | Non
     return "\n".join(lines), summary
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _seed(data: dict[str, Any]) -> int:
     return int(data["config"]["seed"])
 
@@ -238,16 +242,14 @@ def paired_differences(groups: dict[tuple[Any, ...], list[dict[str, Any]]], colu
         diffs: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         for f in files:
             rows = {r["contestant"]: r for r in f["rows"]}
-            if "hsae" not in rows:
-                continue
+            if "hsae" not in rows or (against is not None and _seed(f) not in base):
+                continue  # nothing to pair with
             others = ({against_contestant: {r["contestant"]: r for r in base[_seed(f)]["rows"]}.get(against_contestant)}
                       if against is not None else {n: r for n, r in rows.items() if n != "hsae"})
-            if against is not None and _seed(f) not in base:
-                continue
             for name, other in others.items():
                 for col in columns:
                     a, b = rows["hsae"].get(col), (other or {}).get(col)
-                    if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (a, b)):
+                    if _is_number(a) and _is_number(b):
                         diffs[name][col].append(float(a) - float(b))  # type: ignore[arg-type]
         for name, cols in diffs.items():
             n = max((len(v) for v in cols.values()), default=0)

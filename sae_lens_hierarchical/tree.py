@@ -130,8 +130,8 @@ def similar_parents(rows: torch.Tensor, level_widths: Sequence[int], unassigned:
     """Each latent's parent by direction rather than co-firing (Luo et al. 2026): the latent one
     level up whose row (encoder or decoder direction, `rows` [d_sae, d]) has the highest cosine
     with its own. Per level, the `unassigned` share of latents with the lowest best cosine keep no
-    parent. Unlike co-firing, this can tie a child to a parent that does not (yet) fire with it,
-    which is what a necessity loss needs in order to undo absorption."""
+    parent. Unlike co-firing, this can tie a child to a parent that does not (yet) fire with it
+    (the hope: a necessity loss then undoes absorption; on SmolLM2 it did not, docs/benchmarks.md)."""
     unit = torch.nn.functional.normalize(rows.float(), dim=-1)
     starts = _starts(level_widths)
     parent = no_parents(level_widths).to(rows.device)
