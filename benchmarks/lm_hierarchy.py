@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +178,7 @@ def _group_key(data: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def merge(paths: list[Path], columns: tuple[str, ...], against: list[Path] | None = None,
-          against_contestant: str = "matryoshka") -> tuple[str, list[dict[str, Any]]]:
+          against_contestants: Sequence[str] = ("matryoshka",)) -> tuple[str, list[dict[str, Any]]]:
     """Mean ± sd over files that share a configuration (seeds), then the differences paired by
     seed; returns (markdown, summary rows)."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
@@ -186,6 +187,7 @@ def merge(paths: list[Path], columns: tuple[str, ...], against: list[Path] | Non
     lines = ["| model, layer, dataset, tokens | k | contestant | seeds | " + " | ".join(columns) + " |",
              "|---|---|---|---|" + "---|" * len(columns)]
     summary = []
+    variants = _variant_labels(list(groups))
     for key, files in groups.items():
         per: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         for f in files:
@@ -195,8 +197,9 @@ def merge(paths: list[Path], columns: tuple[str, ...], against: list[Path] | Non
                     if _is_number(v):
                         per[row["contestant"]][col].append(float(v))
         for contestant, cols in per.items():
+            variant = variants[key] if contestant == "hsae" else ""
             cells, entry = [], {"model": key[0], "layer": key[1], "tokens": key[3], "k": key[4],
-                                "contestant": contestant, "seeds": len(files)}
+                                "contestant": contestant, "variant": variant, "seeds": len(files)}
             for col in columns:
                 vals = cols.get(col, [])
                 if not vals:
@@ -207,34 +210,45 @@ def merge(paths: list[Path], columns: tuple[str, ...], against: list[Path] | Non
                 entry[col] = (mean, sd)
                 cells.append(f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else ""))
             summary.append(entry)
-            lines.append(f"| {key[0]} L{key[1]}, {key[2]}, {key[3]:,} | {key[4]:g} | {contestant} | {len(files)} | "
+            name = f"{contestant} ({variant})" if variant else contestant
+            lines.append(f"| {key[0]} L{key[1]}, {key[2]}, {key[3]:,} | {key[4]:g} | {name} | {len(files)} | "
                          + " | ".join(cells) + " |")
     lines += ["", "Files: " + ", ".join(f"`{Path(p).name}`" for p in paths)]
     paired = paired_differences(groups, columns)
     if against:
         base = [json.loads(p.read_text()) | {"_path": str(p)} for p in against]
-        paired += paired_differences(groups, columns, base, against_contestant)[2 if paired else 0:]
+        paired += paired_differences(groups, columns, base, against_contestants)[2 if paired else 0:]
     if paired:
         lines += ["", "Paired by seed (the same batches and, in runs since the paired start, the same starting "
                   "weights), HSAE minus contestant, mean ± sd over seeds:", "", *paired]
     return "\n".join(lines), summary
 
 
+def _variant_labels(keys: list[tuple[Any, ...]]) -> dict[tuple[Any, ...], str]:
+    """Per group, the HSAE fields whose values differ between the merged groups ("" if none), so
+    two HSAE rows of one table say which config each is."""
+    cfgs = {key: json.loads(key[5]) for key in keys}
+    names = sorted({n for c in cfgs.values() for n in c})
+    varying = [n for n in names if len({json.dumps(c.get(n)) for c in cfgs.values()}) > 1]
+    return {key: ", ".join(f"{n}={json.dumps(cfgs[key].get(n))}" for n in varying) for key in keys}
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _seed(data: dict[str, Any]) -> int:
-    return int(data["config"]["seed"])
+def _run(data: dict[str, Any]) -> tuple[Any, ...]:
+    """What pairs two runs: the same model, layer, data, tokens, L0 and seed."""
+    return (*_group_key(data)[:5], int(data["config"]["seed"]))
 
 
 def paired_differences(groups: dict[tuple[Any, ...], list[dict[str, Any]]], columns: tuple[str, ...],
-                       against: list[dict[str, Any]] | None = None, against_contestant: str | None = None) -> list[str]:
+                       against: list[dict[str, Any]] | None = None, against_contestants: Sequence[str] = ()) -> list[str]:
     """Markdown rows of per-seed differences "hsae minus X": within each group against its other
-    contestants, or (`against`) each group's HSAE against `against_contestant` of the file with the
-    same seed (e.g. an HSAE variant run alone against the flat SAEs of the main run)."""
+    contestants, or (`against`) each group's HSAE against each of `against_contestants` in the
+    file with the same seed (e.g. an HSAE variant run alone against the flat SAEs of the main run)."""
     lines = ["| group | HSAE minus | seeds | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
-    base = {_seed(f): f for f in against or []}
+    base = {_run(f): f for f in against or []}
     base_paths = {f["_path"] for f in against or []}
     for files in groups.values():
         if base_paths and {f["_path"] for f in files} <= base_paths:
@@ -242,10 +256,13 @@ def paired_differences(groups: dict[tuple[Any, ...], list[dict[str, Any]]], colu
         diffs: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         for f in files:
             rows = {r["contestant"]: r for r in f["rows"]}
-            if "hsae" not in rows or (against is not None and _seed(f) not in base):
+            if "hsae" not in rows or (against is not None and _run(f) not in base):
                 continue  # nothing to pair with
-            others = ({against_contestant: {r["contestant"]: r for r in base[_seed(f)]["rows"]}.get(against_contestant)}
-                      if against is not None else {n: r for n, r in rows.items() if n != "hsae"})
+            if against is not None:
+                base_rows = {r["contestant"]: r for r in base[_run(f)]["rows"]}
+                others = {n: base_rows.get(n) for n in against_contestants}
+            else:
+                others = {n: r for n, r in rows.items() if n != "hsae"}
             for name, other in others.items():
                 for col in columns:
                     a, b = rows["hsae"].get(col), (other or {}).get(col)
@@ -272,7 +289,8 @@ def plot_l0_sweep(summary: list[dict[str, Any]], path: Path, metric: str = "ce_l
     by: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for e in summary:
         if metric in e and "l0" in e:
-            by[e["contestant"]].append((e["l0"][0], e[metric][0]))
+            name = f'{e["contestant"]} ({e["variant"]})' if e.get("variant") else e["contestant"]
+            by[name].append((e["l0"][0], e[metric][0]))
     if not any(len(v) >= 2 for v in by.values()):
         return None
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -316,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge", nargs="+", type=Path, help="merge these result files into --out (markdown)")
     ap.add_argument("--against", nargs="+", type=Path,
                     help="with --merge: also pair each merged HSAE with --against-contestant of the file of its seed")
-    ap.add_argument("--against-contestant", default="matryoshka", help="with --against: hsae, batchtopk or matryoshka")
+    ap.add_argument("--against-contestant", nargs="+", default=["matryoshka"],
+                    help="with --against: any of hsae, batchtopk, matryoshka")
     ap.add_argument("--columns", default=",".join(CONTRACT[:-1]),
                     help="with --merge: row fields to tabulate, comma-separated (e.g. hierarchy_necessity)")
     args = ap.parse_args(argv)

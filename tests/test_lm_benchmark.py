@@ -258,3 +258,20 @@ def test_merge_pairs_contestants_by_seed_and_variants_against_a_baseline_run(tmp
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     assert cells[3] == f"{statistics.fmean([0.02, 0.01]):+.4f} ± {statistics.stdev([0.02, 0.01]):.4f}"
     assert cells[4] == f"{statistics.fmean([0.2, 0.1]):+.4f} ± {statistics.stdev([0.2, 0.1]):.4f}"
+    # Several baseline contestants at once, the main run's own rows merged too: its own pairing,
+    # then the variant against each named contestant
+    assert bench.main(["--merge", *map(str, files), *map(str, alone), "--against", *map(str, files),
+                       "--against-contestant", "batchtopk", "hsae", "--columns", "ce_loss_score",
+                       "--out", str(out)]) == 0
+    paired = out.read_text().split("HSAE minus contestant")[1]
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in paired.splitlines() if ln.startswith("| k24 |")]
+    assert [r[1] for r in rows] == ["batchtopk", "batchtopk", "hsae"], paired
+    assert rows[2][3] == f"{statistics.fmean([0.07, 0.03]):+.4f} ± {statistics.stdev([0.07, 0.03]):.4f}"
+    # The merged HSAE rows say which config each is, and a baseline of another L0 never pairs
+    assert "| hsae (l2_coefficient=0.0) |" in out.read_text() and "| hsae (l2_coefficient=0.1) |" in out.read_text()
+    (tmp_path / "k48").mkdir()
+    other_k = seed_files(tmp_path / "k48", 48.0, 0.0)
+    assert bench.main(["--merge", *map(str, alone), "--against", *map(str, other_k), "--against-contestant",
+                       "batchtopk", "--out", str(out)]) == 0
+    assert "HSAE minus contestant" not in out.read_text()
+
