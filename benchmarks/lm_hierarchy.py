@@ -198,8 +198,9 @@ def merge(paths: list[Path], columns: tuple[str, ...], against: list[Path] | Non
                         per[row["contestant"]][col].append(float(v))
         for contestant, cols in per.items():
             variant = variants[key] if contestant == "hsae" else ""
+            name = f"{contestant} ({variant})" if variant else contestant
             cells, entry = [], {"model": key[0], "layer": key[1], "tokens": key[3], "k": key[4],
-                                "contestant": contestant, "variant": variant, "seeds": len(files)}
+                                "contestant": contestant, "label": name, "seeds": len(files)}
             for col in columns:
                 vals = cols.get(col, [])
                 if not vals:
@@ -210,7 +211,6 @@ def merge(paths: list[Path], columns: tuple[str, ...], against: list[Path] | Non
                 entry[col] = (mean, sd)
                 cells.append(f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else ""))
             summary.append(entry)
-            name = f"{contestant} ({variant})" if variant else contestant
             lines.append(f"| {key[0]} L{key[1]}, {key[2]}, {key[3]:,} | {key[4]:g} | {name} | {len(files)} | "
                          + " | ".join(cells) + " |")
     lines += ["", "Files: " + ", ".join(f"`{Path(p).name}`" for p in paths)]
@@ -289,8 +289,7 @@ def plot_l0_sweep(summary: list[dict[str, Any]], path: Path, metric: str = "ce_l
     by: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for e in summary:
         if metric in e and "l0" in e:
-            name = f'{e["contestant"]} ({e["variant"]})' if e.get("variant") else e["contestant"]
-            by[name].append((e["l0"][0], e[metric][0]))
+            by[e["label"]].append((e["l0"][0], e[metric][0]))
     if not any(len(v) >= 2 for v in by.values()):
         return None
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -333,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="result JSON (or, with --merge, markdown)")
     ap.add_argument("--merge", nargs="+", type=Path, help="merge these result files into --out (markdown)")
     ap.add_argument("--against", nargs="+", type=Path,
-                    help="with --merge: also pair each merged HSAE with --against-contestant of the file of its seed")
+                    help="with --merge: also pair each merged HSAE with --against-contestant of the file of its seed and L0")
     ap.add_argument("--against-contestant", nargs="+", default=["matryoshka"],
                     help="with --against: any of hsae, batchtopk, matryoshka")
     ap.add_argument("--columns", default=",".join(CONTRACT[:-1]),
