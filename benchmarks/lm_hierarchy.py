@@ -163,16 +163,20 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 # Merging seed files into one table
 
 
-def _group_key(data: dict[str, Any]) -> tuple[Any, ...]:
+def _hsae_defaults() -> dict[str, Any]:
     import dataclasses
 
     from sae_lens_hierarchical.config import HierarchicalTrainingSAEConfig
 
+    return {f.name: f.default for f in dataclasses.fields(HierarchicalTrainingSAEConfig)}
+
+
+def _group_key(data: dict[str, Any]) -> tuple[Any, ...]:
     c = data["config"]
     skip = ("k", "d_in", "d_sae", "matryoshka_widths", "device", "dtype", "metadata")
     # A field at its default is left out, so files written before a field existed group with
     # files that carry it at that default.
-    defaults = {f.name: f.default for f in dataclasses.fields(HierarchicalTrainingSAEConfig)}
+    defaults = _hsae_defaults()
     hsae = {k: v for k, v in c["hsae"].items() if k not in skip and (k not in defaults or defaults[k] != v)}
     return (c["model"], c["layer"], c["dataset"], c["tokens"], c["k"], json.dumps(hsae, sort_keys=True))
 
@@ -227,8 +231,11 @@ def merge(paths: list[Path], columns: tuple[str, ...], against: list[Path] | Non
 def _variant_labels(keys: list[tuple[Any, ...]]) -> dict[tuple[Any, ...], str]:
     """Per group, the HSAE fields whose values differ between the merged groups ("" if none), so
     two HSAE rows of one table say which config each is."""
-    cfgs = {key: json.loads(key[5]) for key in keys}
-    names = sorted({n for c in cfgs.values() for n in c})
+    # (a field left out of a group's key is at its default: name that value, not null)
+    defaults = _hsae_defaults()
+    keyed = {key: json.loads(key[5]) for key in keys}
+    names = sorted({n for c in keyed.values() for n in c})
+    cfgs = {key: {n: c.get(n, defaults.get(n)) for n in names} for key, c in keyed.items()}
     varying = [n for n in names if len({json.dumps(c.get(n)) for c in cfgs.values()}) > 1]
     return {key: ", ".join(f"{n}={json.dumps(cfgs[key].get(n))}" for n in varying) for key in keys}
 

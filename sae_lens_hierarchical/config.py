@@ -162,7 +162,8 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
     """Weight of each level's prefix reconstruction x_hat_{<=l}, roots first; the last is the
     full reconstruction's. None: 0.25 for every prefix and 1 for the full reconstruction.
     SAELens's Matryoshka weighs every prefix 1; on Gemma-3-270m weights 1 and 0.5 cost 0.006 of
-    CE-loss score against BatchTopK, 0.25 costs 0.004 (docs/benchmarks.md)."""
+    CE-loss score against BatchTopK, 0.25 costs 0.004, 0.125 costs 0.003 but puts SmolLM2 below
+    Matryoshka (docs/benchmarks.md)."""
     tree: TreeMode = "learned"
     """"learned": every `tree_every` steps each latent below the roots takes as parent the latent
     one level up that it co-fires with most (uneven branching). "fixed": the seed design's

@@ -25,6 +25,7 @@ from lm_builders import documents, tiny_lm
 
 import sae_lens_hierarchical  # noqa: F401  (registers the architecture)
 from sae_lens_hierarchical import models
+from sae_lens_hierarchical.config import HierarchicalTrainingSAEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTESTANTS = ["hierarchical", "batchtopk", "matryoshka_batchtopk", "topk"]
@@ -231,6 +232,14 @@ def test_merge_keeps_different_settings_apart(tmp_path):
     c.write_text(json.dumps(newer))
     _, summary = bench.merge([a[0], c], ("ce_loss_score",))
     assert [e["seeds"] for e in summary if e["contestant"] == "hsae"] == [1, 1]
+    # A group whose field is at its default is labelled with that value, not null
+    at_default = json.loads(a[1].read_text())
+    at_default["config"]["hsae"]["l2_coefficient"] = HierarchicalTrainingSAEConfig.l2_coefficient
+    d = tmp_path / "default_l2.json"
+    d.write_text(json.dumps(at_default))
+    _, summary = bench.merge([b, d], ("ce_loss_score",))
+    labels = sorted(e["label"] for e in summary if e["contestant"] == "hsae")
+    assert labels == [f"hsae (l2_coefficient={HierarchicalTrainingSAEConfig.l2_coefficient})", "hsae (l2_coefficient=0.3)"]
 
 
 def test_merge_pairs_contestants_by_seed_and_variants_against_a_baseline_run(tmp_path):
