@@ -171,13 +171,22 @@ def _hsae_defaults() -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(HierarchicalTrainingSAEConfig)}
 
 
+def _as_float(v: Any) -> Any:
+    """Numbers as floats, so `--set "level_recon_weights=[0.25,0.25,1]"` (an int 1) groups with the
+    default's [0.25, 0.25, 1.0]."""
+    if isinstance(v, list):
+        return [_as_float(x) for x in v]
+    return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
 def _group_key(data: dict[str, Any]) -> tuple[Any, ...]:
     c = data["config"]
     skip = ("k", "d_in", "d_sae", "matryoshka_widths", "device", "dtype", "metadata")
     # A field at its default is left out, so files written before a field existed group with
     # files that carry it at that default.
     defaults = _hsae_defaults()
-    hsae = {k: v for k, v in c["hsae"].items() if k not in skip and (k not in defaults or defaults[k] != v)}
+    hsae = {k: _as_float(v) for k, v in c["hsae"].items()
+            if k not in skip and (k not in defaults or defaults[k] != v)}
     return (c["model"], c["layer"], c["dataset"], c["tokens"], c["k"], json.dumps(hsae, sort_keys=True))
 
 
@@ -203,8 +212,10 @@ def merge(paths: list[Path], columns: tuple[str, ...], against: list[Path] | Non
         for contestant, cols in per.items():
             variant = variants[key] if contestant == "hsae" else ""
             name = f"{contestant} ({variant})" if variant else contestant
+            # (a contestant run alone, `--contestants hierarchical`, is in only some of the files)
+            seeds = sum(any(r["contestant"] == contestant for r in f["rows"]) for f in files)
             cells, entry = [], {"model": key[0], "layer": key[1], "tokens": key[3], "k": key[4],
-                                "contestant": contestant, "label": name, "seeds": len(files)}
+                                "contestant": contestant, "label": name, "seeds": seeds}
             for col in columns:
                 vals = cols.get(col, [])
                 if not vals:
@@ -215,7 +226,7 @@ def merge(paths: list[Path], columns: tuple[str, ...], against: list[Path] | Non
                 entry[col] = (mean, sd)
                 cells.append(f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else ""))
             summary.append(entry)
-            lines.append(f"| {key[0]} L{key[1]}, {key[2]}, {key[3]:,} | {key[4]:g} | {name} | {len(files)} | "
+            lines.append(f"| {key[0]} L{key[1]}, {key[2]}, {key[3]:,} | {key[4]:g} | {name} | {seeds} | "
                          + " | ".join(cells) + " |")
     lines += ["", "Files: " + ", ".join(f"`{Path(p).name}`" for p in paths)]
     paired = paired_differences(groups, columns)

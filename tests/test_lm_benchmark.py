@@ -232,6 +232,20 @@ def test_merge_keeps_different_settings_apart(tmp_path):
     c.write_text(json.dumps(newer))
     _, summary = bench.merge([a[0], c], ("ce_loss_score",))
     assert [e["seeds"] for e in summary if e["contestant"] == "hsae"] == [1, 1]
+    # A value given as an int (`--set "level_recon_weights=[0.25,0.25,1]"`) groups with the same float
+    as_int, as_float = json.loads(a[0].read_text()), json.loads(a[1].read_text())
+    as_int["config"]["hsae"]["level_recon_weights"] = [0.5, 0.5, 1]
+    as_float["config"]["hsae"]["level_recon_weights"] = [0.5, 0.5, 1.0]
+    int_file, float_file = tmp_path / "int.json", tmp_path / "float.json"
+    int_file.write_text(json.dumps(as_int))
+    float_file.write_text(json.dumps(as_float))
+    _, summary = bench.merge([int_file, float_file], ("ce_loss_score",))
+    assert [e["seeds"] for e in summary if e["contestant"] == "hsae"] == [2]
+    # ...and a flat contestant present in one of the two files counts one seed
+    as_float["rows"] = [r for r in as_float["rows"] if r["contestant"] != "batchtopk"]
+    float_file.write_text(json.dumps(as_float))
+    _, summary = bench.merge([int_file, float_file], ("ce_loss_score",))
+    assert {e["contestant"]: e["seeds"] for e in summary}["batchtopk"] == 1
     # A group whose field is at its default is labelled with that value, not null
     at_default = json.loads(a[1].read_text())
     at_default["config"]["hsae"]["l2_coefficient"] = HierarchicalTrainingSAEConfig.l2_coefficient
