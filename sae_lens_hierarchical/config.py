@@ -185,7 +185,11 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
     pooled onto their parents."""
     l2_coefficient: float = 0.05
     """Weight of the L2 consistency term (Luo et al. 2026): on tokens where some child of a parent
-    fires, the parent's activation should equal the sum of its children's."""
+    fires, the parent's activation should equal the sum of its children's. Its reconstruction cost
+    grows with training; 0.02 gives back part of it on long runs and loosens the hierarchy."""
+    l2_until_step: int | None = None
+    """Experimental: apply the L2 term only for the first this many training steps (None: always),
+    to test whether the tree it ties early survives without its late cost."""
     l2_children_grad: bool = True
     """Experimental: False stops the L2 term's gradient on the children's side, so it only pulls
     a parent towards the sum of its children (necessity) and never pushes a child down."""
@@ -238,6 +242,10 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise config_error(name, value, "it must be a finite number >= 0")
+        if self.l2_until_step is not None and not (
+            isinstance(self.l2_until_step, int) and not isinstance(self.l2_until_step, bool) and self.l2_until_step >= 0
+        ):
+            raise config_error("l2_until_step", self.l2_until_step, "it must be an integer >= 0 or null")
         if self.tree not in ("learned", "fixed"):
             raise config_error("tree", self.tree, "allowed: 'learned', 'fixed'")
         if not isinstance(self.tree_every, int) or self.tree_every < 1:

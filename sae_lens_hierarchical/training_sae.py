@@ -142,7 +142,8 @@ class HierarchicalTrainingSAE(TreeAccess, FactoredRows, MatryoshkaBatchTopKTrain
             kl = cfg.kl_coefficient * losses.consistency_kl(
                 out.feature_acts, self.tree_parent, None, levels=self.latent_levels
             )
-        if has_edges and cfg.l2_coefficient > 0:
+        l2_on = cfg.l2_until_step is None or self.schedule.steps_done < cfg.l2_until_step
+        if has_edges and cfg.l2_coefficient > 0 and l2_on:
             l2 = cfg.l2_coefficient * losses.consistency_l2(
                 out.feature_acts, out.hidden_pre, self.tree_parent, children_grad=cfg.l2_children_grad
             )

@@ -118,6 +118,23 @@ def test_the_learned_tree_is_reassigned_every_tree_every_steps():
         assert ((par == -1) | ((par >= above.start) & (par < above.stop))).all()
 
 
+def test_l2_until_step_stops_the_l2_term_after_that_many_steps():
+    sae = training_sae("learned", l2_coefficient=0.25, l2_until_step=13)
+    warm_up(sae, 12)  # past tree_every: the tree has edges
+    assert (sae.parent_index >= 0).any()
+    x = inputs(128) * 3
+    assert step(sae, x).losses["l2_consistency_loss"].item() > 0  # step 13 (steps_done 12)
+    out = step(sae, x)  # step 14
+    assert out.losses["l2_consistency_loss"].item() == 0
+    torch.testing.assert_close(out.loss, sum(out.losses.values()))
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "10"])
+def test_l2_until_step_is_checked(bad):
+    with pytest.raises(ValueError, match="l2_until_step"):
+        training_sae("learned", l2_until_step=bad)
+
+
 def test_eval_mode_steps_do_not_advance_the_schedule():
     sae = training_sae("learned")
     sae.eval()
