@@ -97,6 +97,7 @@ RANGES: dict[str, str] = {
     "topk_threshold_lr": OPEN_UNIT,
     "kl_coefficient": NONNEG,
     "l2_coefficient": NONNEG,
+    "l2_until_step": NONNEG,
     "tree_every": POSITIVE,
     "tree_min_cofire": UNIT,
     "tree_unassigned": UNIT,

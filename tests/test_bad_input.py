@@ -45,6 +45,7 @@ def fails(capsys, argv: list[str], *expected: str, code: int = 2) -> str:
     (tiny_synthetic_config, "batch_size=0", "batch_size=0 is invalid"),
     (tiny_synthetic_config, "sae.k=0", "sae.k=0 is invalid"),
     (tiny_synthetic_config, "sae.l2_coefficient=-1", "sae.l2_coefficient=-1 is invalid: expected a finite number >= 0"),
+    (tiny_synthetic_config, "sae.l2_until_step=-1", "sae.l2_until_step=-1 is invalid: expected a finite number >= 0"),
     (tiny_synthetic_config, "sae.tree_min_cofire=2", "sae.tree_min_cofire=2 is invalid: expected a number in [0, 1]"),
     (tiny_synthetic_config, "sae.level_widths=[4,0,48]", "every item must be a finite number > 0 (not 0)"),
     (tiny_synthetic_config, "synthetic_model.hierarchy.max_dept=2", "'synthetic_model.hierarchy.max_dept'; did you mean 'max_depth'?"),
