@@ -84,7 +84,9 @@ def consistency_kl(
     return (kl.sum(0) / valid.sum(0).clamp(min=1)).sum()
 
 
-def consistency_l2(acts: Tensor, pre_acts: Tensor, parent: Tensor, children_grad: bool = True) -> Tensor:
+def consistency_l2(
+    acts: Tensor, pre_acts: Tensor, parent: Tensor, children_grad: bool = True, threshold: Tensor | None = None
+) -> Tensor:
     """Mean over tokens of sum over parents p of (relu(pre_p) - sum_{c: parent c = p} a_c)^2,
     counted only where some child of p fires.
 
@@ -92,6 +94,9 @@ def consistency_l2(acts: Tensor, pre_acts: Tensor, parent: Tensor, children_grad
     units). children_grad: False stops the gradient on the children's side, so only the parent
     moves (towards its children's sum); with it a child is also pushed down where its parent is
     lower, which lets the parent take over the child's direction (absorption, docs/benchmarks.md).
+    threshold: [d_sae] when given (each latent's inference threshold, same units), the parent is only asked to reach
+    it, (threshold - pre_p)_+^2: it must fire where a child fires, at whatever strength the
+    reconstruction wants, and the children are not touched.
     Returns a scalar (0 attached to the graph when the tree has no edges).
     """
     child = (parent >= 0).nonzero().squeeze(1)
@@ -100,8 +105,12 @@ def consistency_l2(acts: Tensor, pre_acts: Tensor, parent: Tensor, children_grad
     par = parent[child]
     parents, slot = torch.unique(par, return_inverse=True)
     pooled = acts.new_zeros(acts.shape[0], parents.numel()).index_add(1, slot, acts.index_select(1, child))
-    value = pre_acts.index_select(1, parents).relu()
     on = (pooled > 0).to(acts.dtype)
+    if threshold is not None:
+        floor = threshold.to(pre_acts.dtype).index_select(0, parents)
+        deficit = (floor - pre_acts.index_select(1, parents)).clamp(min=0)
+        return (on * deficit.pow(2)).sum(-1).mean()
+    value = pre_acts.index_select(1, parents).relu()
     if not children_grad:
         pooled = pooled.detach()
     return (on * (value - pooled).pow(2)).sum(-1).mean()

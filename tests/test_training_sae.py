@@ -8,6 +8,7 @@ import torch
 from builders import D_SAE, DESIGNS, WIDTHS, K, inputs, step, training_sae, warm_up
 
 import sae_lens_hierarchical as h
+from sae_lens_hierarchical import losses
 
 PREFIXES = ["inner_mse_loss_4", "inner_mse_loss_20"]
 
@@ -240,3 +241,29 @@ def test_tree_assign_is_checked():
         training_sae("learned", tree_assign="cosine")
     with pytest.raises(ValueError, match="tree_unassigned=1 is invalid"):
         training_sae("learned", tree_unassigned=1)
+
+
+def test_l2_target_threshold_asks_a_parent_only_to_reach_its_threshold():
+    parent = torch.tensor([-1, -1, 0, 0, 1])
+    pre = torch.tensor([[0.5, 3.0, 1.0, 2.0, 0.0], [5.0, -1.0, 0.0, 0.0, 4.0]], requires_grad=True)
+    acts = torch.tensor([[0.0, 3.0, 1.0, 2.0, 0.0], [5.0, 0.0, 0.0, 0.0, 4.0]])
+    threshold = torch.full((5,), 2.0)
+    loss = losses.consistency_l2(acts, pre, parent, threshold=threshold)
+    # token 0: parent 0 at 0.5 under a firing child (deficit 1.5); parent 1 has no firing child.
+    # token 1: parent 1 at -1 under child 4 (deficit 3); parent 0 above 2 with no child: nothing.
+    torch.testing.assert_close(loss, torch.tensor((1.5**2 + 3.0**2) / 2))
+    loss.backward()
+    assert pre.grad is not None and pre.grad[:, 2:].abs().sum() == 0  # children untouched
+    # the summed form asks for the children's total instead: 3 for parent 0 on token 0
+    summed = losses.consistency_l2(acts, pre.detach(), parent)
+    torch.testing.assert_close(summed, torch.tensor(((3.0 - 0.5) ** 2 + 4.0**2) / 2))
+
+
+def test_l2_target_threshold_trains_and_is_checked():
+    sae = training_sae("learned", l2_coefficient=0.25, l2_target="threshold")
+    warm_up(sae, 12)
+    out = step(sae, inputs(128) * 3)
+    assert out.losses["l2_consistency_loss"].item() >= 0
+    torch.testing.assert_close(out.loss, sum(out.losses.values()))
+    with pytest.raises(ValueError, match="l2_target"):
+        training_sae("learned", l2_target="parents")
