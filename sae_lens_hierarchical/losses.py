@@ -94,9 +94,9 @@ def consistency_l2(
     units). children_grad: False stops the gradient on the children's side, so only the parent
     moves (towards its children's sum); with it a child is also pushed down where its parent is
     lower, which lets the parent take over the child's direction (absorption, docs/benchmarks.md).
-    threshold: [d_sae] when given (each latent's inference threshold, same units), the parent is only asked to reach
-    it, (threshold - pre_p)_+^2: it must fire where a child fires, at whatever strength the
-    reconstruction wants, and the children are not touched.
+    threshold: [d_sae], each latent's inference threshold (same units). When given, a parent is
+    only asked to reach it, (threshold - pre_p)_+^2: it must fire where a child fires, at whatever
+    strength the reconstruction wants, and the children are not touched (children_grad unused).
     Returns a scalar (0 attached to the graph when the tree has no edges).
     """
     child = (parent >= 0).nonzero().squeeze(1)

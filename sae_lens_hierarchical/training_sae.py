@@ -149,16 +149,12 @@ class HierarchicalTrainingSAE(TreeAccess, FactoredRows, MatryoshkaBatchTopKTrain
                 out.hidden_pre,
                 self.tree_parent,
                 children_grad=cfg.l2_children_grad,
-                threshold=self._latent_thresholds() if cfg.l2_target == "threshold" else None,
+                # each parent's floor: its level's inference threshold
+                threshold=self.topk_threshold[self.latent_levels] if cfg.l2_target == "threshold" else None,
             )
         out.losses["kl_consistency_loss"] = kl
         out.losses["l2_consistency_loss"] = l2
         out.loss = out.loss + kl + l2
-
-    def _latent_thresholds(self) -> torch.Tensor:
-        """[d_sae] the inference threshold of each latent's level."""
-        widths = torch.tensor(self.cfg.level_widths or [], device=self.topk_threshold.device)
-        return self.topk_threshold.repeat_interleave(widths)
 
     @torch.no_grad()
     def _level_metrics(self, acts: torch.Tensor) -> dict[str, float]:

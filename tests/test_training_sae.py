@@ -262,8 +262,13 @@ def test_l2_target_threshold_asks_a_parent_only_to_reach_its_threshold():
 def test_l2_target_threshold_trains_and_is_checked():
     sae = training_sae("learned", l2_coefficient=0.25, l2_target="threshold")
     warm_up(sae, 12)
-    out = step(sae, inputs(128) * 3)
-    assert out.losses["l2_consistency_loss"].item() >= 0
+    assert (sae.parent_index >= 0).any()
+    x = inputs(128) * 3
+    sae.topk_threshold.fill_(1e-9)  # only parents below zero under a firing child are pulled
+    low = step(sae, x).losses["l2_consistency_loss"].item()
+    sae.topk_threshold.fill_(1e3)  # every parent under a firing child is, by ~1e3 each
+    out = step(sae, x)
+    assert out.losses["l2_consistency_loss"].item() > 1e3 * max(low, 1e-3)
     torch.testing.assert_close(out.loss, sum(out.losses.values()))
     with pytest.raises(ValueError, match="l2_target"):
         training_sae("learned", l2_target="parents")
