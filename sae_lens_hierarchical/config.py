@@ -24,7 +24,7 @@ ARCHITECTURE = "hierarchical"
 Gate = Literal["none", "hard"]
 TreeMode = Literal["learned", "fixed"]
 TreeAssign = Literal["cofire", "encoder", "decoder"]
-L2Target = Literal["children_sum", "threshold"]
+L2Target = Literal["children_sum", "children_sum_floor", "threshold"]
 # Stateful run-time normalisations delete their statistics on the first decode, so the
 # prefix decodes of training would fail (SAELens's Matryoshka SAE has the same limit).
 TRAINABLE_NORMALIZATIONS = ("none", "expected_average_only_in")
@@ -193,8 +193,10 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
     to test whether the tree it ties early survives without its late cost."""
     l2_target: L2Target = "children_sum"
     """Experimental: what the L2 term asks of a parent where a child fires. "children_sum" (Luo et
-    al.): its activation equals its children's summed. "threshold": it reaches the inference
-    threshold, so it fires, at a strength the reconstruction chooses; children are not touched."""
+    al.): its activation equals its children's summed. "children_sum_floor": it is at least their
+    sum (one-sided: a parent stronger than its children is not pushed down). "threshold": it
+    reaches the inference threshold, so it fires, at a strength the reconstruction chooses;
+    children are not touched."""
     l2_children_grad: bool = True
     """Experimental: False stops the L2 term's gradient on the children's side, so it only pulls
     a parent towards the sum of its children (necessity) and never pushes a child down."""
@@ -251,8 +253,10 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
             isinstance(self.l2_until_step, int) and not isinstance(self.l2_until_step, bool) and self.l2_until_step >= 0
         ):
             raise config_error("l2_until_step", self.l2_until_step, "it must be an integer >= 0 or null")
-        if self.l2_target not in ("children_sum", "threshold"):
-            raise config_error("l2_target", self.l2_target, "allowed: 'children_sum', 'threshold'")
+        if self.l2_target not in ("children_sum", "children_sum_floor", "threshold"):
+            raise config_error(
+                "l2_target", self.l2_target, "allowed: 'children_sum', 'children_sum_floor', 'threshold'"
+            )
         if self.tree not in ("learned", "fixed"):
             raise config_error("tree", self.tree, "allowed: 'learned', 'fixed'")
         if not isinstance(self.tree_every, int) or self.tree_every < 1:

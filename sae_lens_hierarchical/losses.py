@@ -85,7 +85,12 @@ def consistency_kl(
 
 
 def consistency_l2(
-    acts: Tensor, pre_acts: Tensor, parent: Tensor, children_grad: bool = True, threshold: Tensor | None = None
+    acts: Tensor,
+    pre_acts: Tensor,
+    parent: Tensor,
+    children_grad: bool = True,
+    threshold: Tensor | None = None,
+    one_sided: bool = False,
 ) -> Tensor:
     """Mean over tokens of sum over parents p of (relu(pre_p) - sum_{c: parent c = p} a_c)^2,
     counted only where some child of p fires.
@@ -97,6 +102,8 @@ def consistency_l2(
     threshold: [d_sae], each latent's inference threshold (same units). When given, a parent is
     only asked to reach it, (threshold - pre_p)_+^2: it must fire where a child fires, at whatever
     strength the reconstruction wants, and the children are not touched (children_grad unused).
+    one_sided: only a parent below its children's sum is penalised, (sum a_c - relu(pre_p))_+^2:
+    the children's sum is a floor, and a parent the reconstruction wants stronger is left alone.
     Returns a scalar (0 attached to the graph when the tree has no edges).
     """
     child = (parent >= 0).nonzero().squeeze(1)
@@ -113,4 +120,5 @@ def consistency_l2(
     value = pre_acts.index_select(1, parents).relu()
     if not children_grad:
         pooled = pooled.detach()
-    return (on * (value - pooled).pow(2)).sum(-1).mean()
+    gap = (pooled - value).clamp(min=0) if one_sided else value - pooled
+    return (on * gap.pow(2)).sum(-1).mean()

@@ -151,6 +151,7 @@ class HierarchicalTrainingSAE(TreeAccess, FactoredRows, MatryoshkaBatchTopKTrain
                 children_grad=cfg.l2_children_grad,
                 # each parent's floor: its level's inference threshold
                 threshold=self.topk_threshold[self.latent_levels] if cfg.l2_target == "threshold" else None,
+                one_sided=cfg.l2_target == "children_sum_floor",
             )
         out.losses["kl_consistency_loss"] = kl
         out.losses["l2_consistency_loss"] = l2

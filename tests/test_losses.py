@@ -48,6 +48,21 @@ def test_l2_without_children_grad_moves_only_the_parent():
     assert grads[True][1] == grads[False][1] < 0  # the parent is pulled up in both
 
 
+def test_one_sided_l2_leaves_a_parent_stronger_than_its_children_alone():
+    parent = torch.tensor([-1, -1, 0, 0, 1])
+    acts = torch.tensor([[2.0, 0.0, 1.0, 0.5, 0.0],    # p0 2 above its children's 1.5: free
+                         [0.0, 0.0, 0.0, 0.0, 2.0]])   # p1 at 0.5 under its child's 2: (2 - 0.5)^2
+    pre = torch.tensor([[2.0, -1.0, 1.0, 0.5, -3.0],
+                        [-4.0, 0.5, -1.0, -1.0, 2.0]], requires_grad=True)
+    loss = consistency_l2(acts, pre, parent, one_sided=True)
+    torch.testing.assert_close(loss, torch.tensor((2.0 - 0.5) ** 2 / 2))
+    loss.backward()
+    assert pre.grad[0, 0] == 0 and pre.grad[1, 1] < 0  # only the weak parent is pulled (up)
+    # the two-sided form also pushes the strong parent down towards 1.5
+    two_sided = consistency_l2(acts, pre.detach(), parent)
+    torch.testing.assert_close(two_sided, torch.tensor(((2 - 1.5) ** 2 + (0.5 - 2.0) ** 2) / 2))
+
+
 def test_kl_is_zero_when_children_carry_their_parents_mass_and_positive_otherwise():
     widths = [4, 16, 64]
     parent = fixed_parents(widths)

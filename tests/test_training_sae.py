@@ -259,6 +259,17 @@ def test_l2_target_threshold_asks_a_parent_only_to_reach_its_threshold():
     torch.testing.assert_close(summed, torch.tensor(((3.0 - 0.5) ** 2 + 4.0**2) / 2))
 
 
+def test_l2_target_children_sum_floor_is_the_one_sided_term():
+    sae = training_sae("learned", l2_coefficient=1.0, l2_target="children_sum_floor")
+    warm_up(sae, 12)
+    assert (sae.parent_index >= 0).any()
+    out = step(sae, inputs(128) * 3)
+    acts, pre = out.feature_acts, out.hidden_pre
+    want = losses.consistency_l2(acts, pre, sae.tree_parent, one_sided=True)
+    torch.testing.assert_close(out.losses["l2_consistency_loss"], want)
+    assert want < losses.consistency_l2(acts, pre, sae.tree_parent)  # strictly less than two-sided
+
+
 def test_l2_target_threshold_trains_and_is_checked():
     sae = training_sae("learned", l2_coefficient=0.25, l2_target="threshold")
     warm_up(sae, 12)
