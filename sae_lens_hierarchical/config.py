@@ -161,10 +161,12 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
     """Accept k_per_level whose active fraction does not decrease with depth."""
     level_recon_weights: list[float] | None = None
     """Weight of each level's prefix reconstruction x_hat_{<=l}, roots first; the last is the
-    full reconstruction's. None: 0.25 for every prefix and 1 for the full reconstruction.
-    SAELens's Matryoshka weighs every prefix 1; on Gemma-3-270m weights 1 and 0.5 cost 0.006 of
-    CE-loss score against BatchTopK, 0.25 costs 0.004, 0.125 costs 0.003 but puts SmolLM2 below
-    Matryoshka (docs/benchmarks.md)."""
+    full reconstruction's. None: 0 for the roots alone, 0.25 for every deeper prefix and 1 for
+    the full reconstruction (with two levels: 0.25 and 1). SAELens's Matryoshka weighs every
+    prefix 1. Asking the roots to reconstruct alone made them dense, k-means-like directions that
+    took most of the L0 (three quarters on Gemma-3-270m); weighting that prefix 0 gave back CE-loss
+    score on both LMs and tied the tree tighter (docs/benchmarks.md, "Roots that need not
+    reconstruct alone")."""
     tree: TreeMode = "learned"
     """"learned": every `tree_every` steps each latent below the roots takes as parent the latent
     one level up that it co-fires with most (uneven branching). "fixed": the seed design's
@@ -186,17 +188,16 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
     pooled onto their parents."""
     l2_coefficient: float = 0.05
     """Weight of the L2 consistency term (Luo et al. 2026): on tokens where some child of a parent
-    fires, the parent's activation should equal the sum of its children's. Its reconstruction cost
-    grows with training; 0.02 gives back part of it on long runs and loosens the hierarchy."""
+    fires, the parent's activation should be at least the sum of its children's (`l2_target`)."""
     l2_until_step: int | None = None
     """Experimental: apply the L2 term only for the first this many training steps (None: always),
     to test whether the tree it ties early survives without its late cost."""
-    l2_target: L2Target = "children_sum"
-    """Experimental: what the L2 term asks of a parent where a child fires. "children_sum" (Luo et
-    al.): its activation equals its children's summed. "children_sum_floor": it is at least their
-    sum (one-sided: a parent stronger than its children is not pushed down). "threshold": it
-    reaches the inference threshold, so it fires, at a strength the reconstruction chooses;
-    children are not touched."""
+    l2_target: L2Target = "children_sum_floor"
+    """What the L2 term asks of a parent where a child fires. "children_sum_floor": at least its
+    children's summed activation (one-sided: a parent the reconstruction wants stronger is not
+    pushed down). "children_sum" (Luo et al.): exactly their sum; its cost grew with training.
+    "threshold" (experimental): only its level's inference threshold, so it fires, at a strength
+    the reconstruction chooses; children are not touched."""
     l2_children_grad: bool = True
     """Experimental: False stops the L2 term's gradient on the children's side, so it only pulls
     a parent towards the sum of its children (necessity) and never pushes a child down."""
@@ -281,7 +282,8 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
         if self.tree == "fixed":
             self._check_fixed_layout()
         if self.level_recon_weights is None:
-            self.level_recon_weights = [0.25] * (L - 1) + [1.0]
+            # with no prefix loss at all one latent took 90 % of tokens, so two levels keep the roots'
+            self.level_recon_weights = ([0.0] + [0.25] * (L - 2) if L > 2 else [0.25] * (L - 1)) + [1.0]
         if len(self.level_recon_weights) != L or any(
             not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0) for w in self.level_recon_weights
         ):

@@ -27,6 +27,16 @@ def test_levels_from_widths_roots_branching_or_d_sae_alone():
     assert uneven.level_slices == [slice(0, 10), slice(10, 40), slice(40, 100)]
 
 
+def test_default_prefix_weights_leave_the_roots_alone_from_three_levels():
+    # the roots' own prefix is weighted 0 only while a deeper prefix still asks for coarse-to-fine
+    got = {}
+    for widths in ([84], [4, 80], [4, 16, 64], [2, 4, 24, 48]):
+        cfg = h.HierarchicalTrainingSAEConfig(d_in=D_IN, d_sae=sum(widths), level_widths=widths, k=2)
+        got[len(widths)] = cfg.level_recon_weights
+    assert got == {1: [1.0], 2: [0.25, 1.0], 3: [0.0, 0.25, 1.0], 4: [0.0, 0.25, 0.25, 1.0]}
+    assert train_cfg().l2_target == "children_sum_floor"
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [
