@@ -6,8 +6,9 @@ Both take activations in the units the reconstruction uses (a_j * ||W_dec[j]||: 
 * `consistency_kl` (L_KL, docs/architecture.md): per token and parent level l, the distribution of activation
   mass over level l against the level-(l+1) mass pooled onto its parents.
 * `consistency_l2` (Luo et al. 2026): on tokens where some child of a parent fires, the parent's
-  activation should equal the sum of its children's; the parent's value there is its ReLU'd
-  pre-activation, so a parent that did not fire is pulled on (necessity) rather than the child off.
+  activation should equal the sum of its children's (one_sided, the default through
+  `l2_target`: at least that sum); the parent's value there is its ReLU'd pre-activation, so a
+  parent that did not fire is pulled on (necessity) rather than the child off.
 """
 
 from __future__ import annotations
