@@ -165,8 +165,8 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
     the full reconstruction (with two levels: 0.25 and 1). SAELens's Matryoshka weighs every
     prefix 1. Asking the roots to reconstruct alone made them dense, k-means-like directions that
     took most of the L0 (three quarters on Gemma-3-270m); weighting that prefix 0 gave back CE-loss
-    score on both LMs and tied the tree tighter (docs/benchmarks.md, "Roots that need not
-    reconstruct alone")."""
+    score on Gemma-3-270m and at low L0 and tied the tree tighter (docs/benchmarks.md, "The
+    current default")."""
     tree: TreeMode = "learned"
     """"learned": every `tree_every` steps each latent below the roots takes as parent the latent
     one level up that it co-fires with most (uneven branching). "fixed": the seed design's
