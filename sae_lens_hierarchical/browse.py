@@ -488,7 +488,7 @@ def _latent_page(
             f"<tr><td>P(parent on | this on)</td><td>{_fmt(p_parent)}</td></tr>"
             f"<tr><td>P(this on | parent on)</td><td>{_fmt(p_child)}</td></tr></table></section>"
         )
-    where = "outside the tree (no parent it co-fires with)" if outside else f"level {lat.level}"
+    where = "outside the tree (no parent assigned)" if outside else f"level {lat.level}"
     body = (
         f"<nav><a href='../index.html'>{html.escape(name)}</a> · {crumbs}</nav>"
         f"<h1>Latent #{j}</h1>"

@@ -168,21 +168,25 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
     score on Gemma-3-270m and at low L0 and tied the tree tighter (docs/benchmarks.md, "The
     current default")."""
     tree: TreeMode = "learned"
-    """"learned": every `tree_every` steps each latent below the roots takes as parent the latent
-    one level up that it co-fires with most (uneven branching). "fixed": the seed design's
+    """"learned": every `tree_every` steps each latent below the roots takes a parent one level up
+    by the `tree_assign` rule (uneven branching). "fixed": the seed design's
     contiguous layout, `branching` children per parent, never moved."""
     tree_every: int = 50
-    """Steps between re-assignments of the learned tree (the co-firing counts of those steps)."""
+    """Steps between re-assignments of the learned tree (with "cofire": the counts of those steps)."""
     tree_min_cofire: float = 0.05
-    """A latent whose best parent has P(parent on | latent on) below this keeps no parent (it is
-    outside the tree, reported as such)."""
-    tree_assign: TreeAssign = "cofire"
-    """How a learned tree picks parents. "cofire": the most specific latent one level up that fires
-    on half of the latent's firings. "encoder" / "decoder" (experimental, Luo et al. 2026): the
-    latent one level up whose encoder / decoder direction is most similar, co-firing or not."""
+    """With tree_assign "cofire": a latent whose best parent has P(parent on | latent on) below
+    this keeps no parent (it is outside the tree, reported as such)."""
+    tree_assign: TreeAssign = "decoder"
+    """How a learned tree picks parents. "decoder" (Luo et al. 2026): the latent one level up whose
+    decoder direction is most similar, co-firing or not; on SmolLM2 its roots are fewer dense
+    latents, its branches read as specialisations and it absorbs less than Matryoshka
+    (docs/benchmarks.md, "Parents by decoder direction"). "cofire": the most specific latent one
+    level up that fires on half of the latent's firings (a tighter tree by co-firing, roots that
+    fire on a quarter of all tokens). "encoder" (experimental): by encoder direction."""
     tree_unassigned: float = 0.2
     """With tree_assign "encoder" / "decoder": the share of each level's latents, lowest best
-    similarity first, left outside the tree (Luo et al. leave 20 %)."""
+    similarity first, left outside the tree (Luo et al. leave 20 %; reports give the share of L0
+    and of explained variance they carry)."""
     kl_coefficient: float = 0.0
     """Weight of the KL consistency term: each level's activation mass against its children's,
     pooled onto their parents."""

@@ -818,7 +818,7 @@ def tree_markdown(
         "",
         f"The {len(roots)} most frequent roots, each with its {n_children} most frequent children and "
         f"their {n_grandchildren} most frequent children (a child is a latent whose learned parent is the "
-        "one above it: they fire together). In each snippet «·» "
+        "one above it). In each snippet «·» "
         "marks the token with the latent's activation in brackets; ⏎ is a line break.",
         "",
     ]
