@@ -310,14 +310,15 @@ def plot_l0_sweep(summary: list[dict[str, Any]], path: Path, metric: str = "ce_l
             by[e["label"]].append((e["l0"][0], e[metric][0]))
     if not any(len(v) >= 2 for v in by.values()):
         return None
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(6, 4.2 + 0.22 * len(by)))
     for name, pts in sorted(by.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     ax.set_xlabel("L0 (SAE-Bench core)")
     ax.set_ylabel(metric.replace("_", " "))
     ax.set_title(f"{metric.replace('_', ' ')} against L0")
-    ax.legend()
+    # below the axes: the labels carry the HSAE's settings and would hide the curves
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
