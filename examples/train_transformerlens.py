@@ -22,7 +22,7 @@ Two routes:
 
 The SAE is given what a flat SAE is given: a width, split into levels (roots first, any
 widths), and an L0 `k` shared by every latent. It learns how to split `k` over the levels and
-each latent's parent one level up (re-assigned from co-firing every `tree_every` steps).
+each latent's parent one level up (re-assigned by decoder direction every `tree_every` steps).
 
 After training, the saved SAE is reloaded with `SAE.load_from_disk` and scored on a fresh
 batch of activations (explained variance, L0 per level) and its learned tree is summarised

@@ -64,7 +64,7 @@ def train_tiny(out: Path) -> Path:
                                   compensate_probabilities=True),
         std_firing_magnitudes=0.1, mean_firing_magnitudes=1.0, bias=False, seed=0,
     )
-    # 40 steps: the tree is re-learned from co-firing every 5, and the inference threshold (a
+    # 40 steps: the tree is re-learned (by decoder direction) every 5, and the inference threshold (a
     # moving average of the smallest kept activation) moves fast enough to settle.
     sae_cfg = HierarchicalTrainingSAEConfig(d_in=32, d_sae=52, level_widths=[4, 12, 36], k=5.0, tree_every=5,
                                             topk_threshold_lr=0.1)

@@ -165,8 +165,8 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
     the full reconstruction (with two levels: 0.25 and 1). SAELens's Matryoshka weighs every
     prefix 1. Asking the roots to reconstruct alone made them dense, k-means-like directions that
     took most of the L0 (three quarters on Gemma-3-270m); weighting that prefix 0 gave back CE-loss
-    score on Gemma-3-270m and at low L0 and tied the tree tighter (docs/benchmarks.md, "The
-    current default")."""
+    score on Gemma-3-270m and at low L0 and tied the tree tighter (docs/benchmarks.md, "Roots
+    that need not reconstruct alone")."""
     tree: TreeMode = "learned"
     """"learned": every `tree_every` steps each latent below the roots takes a parent one level up
     by the `tree_assign` rule (uneven branching). "fixed": the seed design's
@@ -178,11 +178,12 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
     this keeps no parent (it is outside the tree, reported as such)."""
     tree_assign: TreeAssign = "decoder"
     """How a learned tree picks parents. "decoder" (Luo et al. 2026): the latent one level up whose
-    decoder direction is most similar, co-firing or not; on SmolLM2 its roots are fewer dense
-    latents, its branches read as specialisations and it absorbs less than Matryoshka
-    (docs/benchmarks.md, "Parents by decoder direction"). "cofire": the most specific latent one
-    level up that fires on half of the latent's firings (a tighter tree by co-firing, roots that
-    fire on a quarter of all tokens). "encoder" (experimental): by encoder direction."""
+    decoder direction is most similar, co-firing or not; on SmolLM2 half as many latents are
+    dense, its branches read as specialisations and it absorbs less than the flat SAEs on the
+    mean, but its parents fire with their children less often (docs/benchmarks.md, "The current
+    default"). "cofire": the most specific latent one level up that fires on half of the
+    latent's firings (a tighter tree by co-firing, whose top roots fired on a quarter of all
+    tokens). "encoder" (experimental): by encoder direction."""
     tree_unassigned: float = 0.2
     """With tree_assign "encoder" / "decoder": the share of each level's latents, lowest best
     similarity first, left outside the tree (Luo et al. leave 20 %; reports give the share of L0
