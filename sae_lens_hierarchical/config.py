@@ -206,6 +206,10 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
     l2_children_grad: bool = True
     """Experimental: False stops the L2 term's gradient on the children's side, so it only pulls
     a parent towards the sum of its children (necessity) and never pushes a child down."""
+    prefix_b_dec_grad: bool = True
+    """Experimental: False adds the decoder bias b_dec to every prefix reconstruction detached,
+    so as an output bias it is set by the full reconstruction only (a prefix, missing its deeper
+    levels, pulls b_dec towards what it lacks, which biases the full reconstruction)."""
     projection_rank: int | None = None
     """Seed design (ablation): each parent owns a learned rank-r subspace in which its children's
     encoder and decoder rows live (H-SAE). Needs `tree: fixed`. None: unfactored rows."""

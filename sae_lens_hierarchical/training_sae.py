@@ -124,6 +124,22 @@ class HierarchicalTrainingSAE(TreeAccess, FactoredRows, MatryoshkaBatchTopKTrain
             out.metrics.update(self._level_metrics(out.feature_acts))
         return out
 
+    @override
+    def _iterable_decode(self, feature_acts: torch.Tensor, include_outer_loss: bool = False) -> Any:
+        """SAELens's prefix decoding; with `prefix_b_dec_grad: false` every prefix sees b_dec
+        detached (same values), so b_dec's gradient comes from the full reconstruction only."""
+        if self.cfg.prefix_b_dec_grad or feature_acts.is_sparse:
+            yield from super()._iterable_decode(feature_acts, include_outer_loss)
+            return
+        if self.cfg.rescale_acts_by_decoder_norm:
+            feature_acts = feature_acts * (1 / self.W_dec.norm(dim=-1))
+        widths = self.cfg.matryoshka_widths if include_outer_loss else self.cfg.matryoshka_widths[:-1]
+        decoded, prev = self.b_dec.detach(), 0
+        for width in widths:
+            decoded = feature_acts[:, prev:width] @ self.W_dec[prev:width] + decoded
+            prev = width
+            yield width, self.run_time_activation_norm_fn_out(decoded)
+
     def _weight_prefix_losses(self, out: TrainStepOutput) -> None:
         """SAELens's Matryoshka adds every prefix loss with weight 1: re-weight them (and the
         full reconstruction) by `level_recon_weights`."""

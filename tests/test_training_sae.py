@@ -50,6 +50,28 @@ def test_prefix_losses_are_the_weighted_prefix_reconstructions_and_train_the_roo
     assert sae.W_dec.grad[4:].abs().sum() == 0  # the roots-only prefix touches only the roots
 
 
+@pytest.mark.parametrize("b_dec_grad", [True, False])
+def test_prefix_b_dec_grad_false_leaves_b_dec_to_the_full_reconstruction(b_dec_grad):
+    # (apply_b_dec_to_input off: b_dec's other path, through the encoder, stays out of the count)
+    sae = training_sae("learned", level_recon_weights=[0.5, 0.7, 1.0], prefix_b_dec_grad=b_dec_grad,
+                       apply_b_dec_to_input=False)
+    warm_up(sae, 3)
+    out = step(sae, inputs(128) * 3)
+    sae.zero_grad()
+    (out.losses["inner_mse_loss_4"] + out.losses["inner_mse_loss_20"]).backward()
+    assert sae.W_dec.grad[:20].abs().sum() > 0  # the prefixes still train their latents
+    b_dec_grad_norm = 0.0 if sae.b_dec.grad is None else float(sae.b_dec.grad.abs().sum())
+    assert (b_dec_grad_norm > 0) == b_dec_grad
+    sae.zero_grad()
+    out = step(sae, inputs(128) * 3)  # the values are the same either way: only the gradient differs
+    unit = sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True)
+    roots_only = sae.b_dec + out.feature_acts[:, :4] @ unit[:4]
+    x = inputs(128) * 3
+    torch.testing.assert_close(out.losses["inner_mse_loss_4"], 0.5 * (roots_only - x).pow(2).sum(-1).mean())
+    out.losses["mse_loss"].backward()
+    assert sae.b_dec.grad is not None and sae.b_dec.grad.abs().sum() > 0
+
+
 def test_one_shared_budget_keeps_k_per_token_and_learns_its_split():
     sae = training_sae("learned")
     x = inputs(512) * 3
