@@ -298,3 +298,26 @@ def test_merge_pairs_contestants_by_seed_and_variants_against_a_baseline_run(tmp
                        "batchtopk", "--out", str(out)]) == 0
     assert "HSAE minus contestant" not in out.read_text()
 
+
+
+def test_error_by_dim_copying_every_dimension_gives_back_the_clean_model(tiny_run, tmp_path, monkeypatch):
+    """benchmarks/error_by_dim.py on the tiny run's saved SAEs: copying all 16 dimensions from
+    the true activation is the clean model (score 1), as saved it is not."""
+    _, _, _, tmp = tiny_run
+    load_benchmark()  # error_by_dim imports lm_hierarchy's data split
+    spec = importlib.util.spec_from_file_location("error_by_dim", ROOT / "benchmarks" / "error_by_dim.py")
+    ebd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ebd)
+    model = tiny_lm(tmp_path / "tok", d_model=16, n_layers=2, n_ctx=16, name="tiny-bench")
+    monkeypatch.setattr(models, "load_model", lambda *_a, **_k: model)
+    monkeypatch.setattr(models, "load_text", lambda *_a, **_k: documents(6))
+    out = tmp_path / "ebd.json"
+    assert ebd.main(["--work", str(tmp / "work"), "--layer", "1", "--context-size", "16", "--rows", "4",
+                     "--dims", "16", "--batch", "2", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert sorted(r["sae"] for r in data["rows"]) == sorted(NAMES)
+    assert sorted(data["config"]["big_dims"]) == list(range(16))
+    for row in data["rows"]:
+        assert row["ce_loss_score_big_dims_true"] == pytest.approx(1.0, abs=1e-4), row["sae"]
+        assert row["sq_err_in_big_dims"] == pytest.approx(row["mse"], rel=1e-4)
+        assert abs(row["ce_loss_score"] - 1.0) > 1e-3  # (a random tiny model: it may even score above 1)
