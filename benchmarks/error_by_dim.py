@@ -47,7 +47,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from sae_lens import SAE
     from tqdm.auto import tqdm
 
-    torch.set_grad_enabled(False)
     model = models.load_model(args.model, device=args.device)
     hook = f"blocks.{args.layer}.hook_resid_post"
     _, held = load_data(model, args.dataset, args.context_size, 0)
@@ -107,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    result = run(args)
+    import torch
+
+    with torch.no_grad():  # (not torch.set_grad_enabled(False): a caller's grad mode is left as it was)
+        result = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     for r in result["rows"]:

@@ -321,3 +321,4 @@ def test_error_by_dim_copying_every_dimension_gives_back_the_clean_model(tiny_ru
         assert row["ce_loss_score_big_dims_true"] == pytest.approx(1.0, abs=1e-4), row["sae"]
         assert row["sq_err_in_big_dims"] == pytest.approx(row["mse"], rel=1e-4)
         assert abs(row["ce_loss_score"] - 1.0) > 1e-3  # (a random tiny model: it may even score above 1)
+    assert torch.is_grad_enabled()  # the script leaves its caller's grad mode alone
