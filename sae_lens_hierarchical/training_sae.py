@@ -127,8 +127,9 @@ class HierarchicalTrainingSAE(TreeAccess, FactoredRows, MatryoshkaBatchTopKTrain
     @override
     def _iterable_decode(self, feature_acts: torch.Tensor, include_outer_loss: bool = False) -> Any:
         """SAELens's prefix decoding; with `prefix_b_dec_grad: false` every prefix sees b_dec
-        detached (same values), so b_dec's gradient comes from the full reconstruction only."""
-        if self.cfg.prefix_b_dec_grad or feature_acts.is_sparse:
+        detached (same values), so b_dec's gradient comes from the full reconstruction only.
+        (Our BatchTopK selection gives dense activations, so SAELens's sparse branch is not needed.)"""
+        if self.cfg.prefix_b_dec_grad:
             yield from super()._iterable_decode(feature_acts, include_outer_loss)
             return
         if self.cfg.rescale_acts_by_decoder_norm:
