@@ -23,7 +23,7 @@ from typing_extensions import override
 ARCHITECTURE = "hierarchical"
 Gate = Literal["none", "hard"]
 TreeMode = Literal["learned", "fixed"]
-TreeAssign = Literal["cofire", "encoder", "decoder"]
+TreeAssign = Literal["cofire", "encoder", "decoder", "decoder_cofire"]
 L2Target = Literal["children_sum", "children_sum_floor", "threshold"]
 # Stateful run-time normalisations delete their statistics on the first decode, so the
 # prefix decodes of training would fail (SAELens's Matryoshka SAE has the same limit).
@@ -183,9 +183,11 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
     mean, but its parents fire with their children less often (docs/benchmarks.md, "The current
     default"). "cofire": the most specific latent one level up that fires on half of the
     latent's firings (a tighter tree by co-firing, whose top roots fired on a quarter of all
-    tokens). "encoder" (experimental): by encoder direction."""
+    tokens). "encoder" (experimental): by encoder direction. "decoder_cofire" (experimental): by
+    decoder direction among the latents one level up that fire on half of the latent's firings
+    in the last window (the plain "decoder" rule where none does)."""
     tree_unassigned: float = 0.2
-    """With tree_assign "encoder" / "decoder": the share of each level's latents, lowest best
+    """With tree_assign "encoder" / "decoder" / "decoder_cofire": the share of each level's latents, lowest best
     similarity first, left outside the tree (Luo et al. leave 20 %; reports give the share of L0
     and of explained variance they carry)."""
     kl_coefficient: float = 0.0
@@ -273,8 +275,10 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
             raise config_error("tree_every", self.tree_every, "it must be an integer >= 1")
         if not 0 <= self.tree_min_cofire <= 1:
             raise config_error("tree_min_cofire", self.tree_min_cofire, "it must be in [0, 1]")
-        if self.tree_assign not in ("cofire", "encoder", "decoder"):
-            raise config_error("tree_assign", self.tree_assign, "allowed: 'cofire', 'encoder', 'decoder'")
+        if self.tree_assign not in ("cofire", "encoder", "decoder", "decoder_cofire"):
+            raise config_error(
+                "tree_assign", self.tree_assign, "allowed: 'cofire', 'encoder', 'decoder', 'decoder_cofire'"
+            )
         if not 0 <= self.tree_unassigned < 1:
             raise config_error("tree_unassigned", self.tree_unassigned, "it must be in [0, 1)")
         if self.projection_rank is not None:

@@ -33,12 +33,17 @@ class TreeSchedule:
         if not (self.learned and self.steps_done > 0 and self.steps_done % self.cfg.tree_every == 0):
             return
         assign = self.cfg.tree_assign
-        if assign != "cofire":  # from the weights, identical on every rank: nothing to reduce
+        if assign in ("encoder", "decoder"):  # from the weights, identical on every rank: nothing to reduce
             rows = sae.W_enc.detach().T if assign == "encoder" else sae.W_dec.detach()
             sae.tree_parent.copy_(similar_parents(rows, self.cfg.level_widths, self.cfg.tree_unassigned))
         elif self.counts.co:
             self.reduce_counts()
-            sae.tree_parent.copy_(learned_parents(self.counts, sae.tree_parent, self.cfg.tree_min_cofire))
+            if assign == "cofire":
+                new = learned_parents(self.counts, sae.tree_parent, self.cfg.tree_min_cofire)
+            else:  # "decoder_cofire"
+                rows = sae.W_dec.detach()
+                new = similar_parents(rows, self.cfg.level_widths, self.cfg.tree_unassigned, self.counts)
+            sae.tree_parent.copy_(new)
             self.counts.reset()
 
     def reduce_counts(self) -> None:
@@ -58,7 +63,7 @@ class TreeSchedule:
         """Count this step's co-firing (training steps only)."""
         if not training:
             return
-        if self.learned and self.cfg.tree_assign == "cofire":
+        if self.learned and self.cfg.tree_assign in ("cofire", "decoder_cofire"):
             self.counts.add(acts.detach())
         self.steps_done += 1
 

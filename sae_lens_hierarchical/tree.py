@@ -126,19 +126,30 @@ def learned_parents(counts: CoFiring, current: torch.Tensor, min_cofire: float) 
 
 
 @torch.no_grad()
-def similar_parents(rows: torch.Tensor, level_widths: Sequence[int], unassigned: float) -> torch.Tensor:
+def similar_parents(
+    rows: torch.Tensor, level_widths: Sequence[int], unassigned: float, counts: CoFiring | None = None
+) -> torch.Tensor:
     """Each latent's parent by direction rather than co-firing (Luo et al. 2026): the latent one
     level up whose row (encoder or decoder direction, `rows` [d_sae, d]) has the highest cosine
     with its own. Per level, the `unassigned` share of latents with the lowest best cosine keep no
     parent. Unlike co-firing, this can tie a child to a parent that does not (yet) fire with it
-    (the hope: a necessity loss then undoes absorption; on SmolLM2 it did not, docs/benchmarks.md)."""
+    (the hope: a necessity loss then undoes absorption; on SmolLM2 it did not, docs/benchmarks.md).
+
+    With co-firing `counts` (the hybrid rule), a latent chooses by cosine only among the latents
+    one level up that fire on at least half of its firings, when there are any; latents with no
+    such candidate fall back to the plain rule and are the first left outside the tree.
+    """
     unit = torch.nn.functional.normalize(rows.float(), dim=-1)
     starts = _starts(level_widths)
     parent = no_parents(level_widths).to(rows.device)
     for level in range(1, len(level_widths)):
         child = unit[starts[level] : starts[level] + level_widths[level]]
         above = unit[starts[level - 1] : starts[level - 1] + level_widths[level - 1]]
-        best, arg = (child @ above.T).max(-1)
+        score = child @ above.T  # cosines, in [-1, 1]
+        if counts is not None and level in counts.co:
+            p_parent = counts.co[level] / counts.fired[level].clamp(min=1).unsqueeze(-1)
+            score = score + 2 * (p_parent >= SPECIFIC).to(score)  # a co-firing candidate beats any other
+        best, arg = score.max(-1)
         keep = torch.ones_like(best, dtype=torch.bool)
         n_out = int(unassigned * best.numel())
         if n_out > 0:

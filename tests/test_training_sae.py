@@ -258,8 +258,26 @@ def test_a_similarity_tree_gives_each_child_the_most_similar_latent_one_level_up
         assert torch.equal(par[par >= 0], best[par >= 0])
 
 
+def test_the_hybrid_tree_is_assigned_from_the_windows_co_firing_and_the_decoder():
+    import copy
+
+    from sae_lens_hierarchical.tree import similar_parents
+
+    sae = training_sae("learned", tree_every=3, tree_assign="decoder_cofire", tree_unassigned=0.25)
+    x = inputs(8).repeat(32, 1) * 3  # eight token types: latents co-fire wherever they fire
+    for _ in range(3):
+        step(sae, x)
+    counts = copy.deepcopy(sae.schedule.counts)
+    assert counts.co  # the rule counts co-firing over the window...
+    expected = similar_parents(sae.W_dec.detach(), WIDTHS, 0.25, counts)
+    assert not torch.equal(expected, similar_parents(sae.W_dec.detach(), WIDTHS, 0.25))  # ...and uses it
+    sae.schedule.before_step(sae)
+    assert torch.equal(sae.parent_index, expected)
+    assert not sae.schedule.counts.co  # a new window starts
+
+
 def test_tree_assign_is_checked():
-    with pytest.raises(ValueError, match="tree_assign='cosine' is invalid; allowed: 'cofire', 'encoder', 'decoder'"):
+    with pytest.raises(ValueError, match="tree_assign='cosine' is invalid; allowed: 'cofire', 'encoder', 'decoder', 'decoder_cofire'"):
         training_sae("learned", tree_assign="cosine")
     with pytest.raises(ValueError, match="tree_unassigned=1 is invalid"):
         training_sae("learned", tree_unassigned=1)

@@ -12,6 +12,7 @@ from sae_lens_hierarchical.tree import (
     gate,
     learned_parents,
     no_parents,
+    similar_parents,
     tree_levels,
 )
 
@@ -70,6 +71,23 @@ def test_learned_parents_are_the_most_specific_ancestors_and_a_weak_one_is_none(
     weak.reset()
     weak.add(on2)
     assert learned_parents(weak, torch.full((3,), -1), 0.25).tolist() == [-1, -1, -1]
+
+
+def test_the_hybrid_rule_picks_by_direction_among_co_firing_latents_only():
+    widths = [3, 3]
+    rows = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0],  # parents: three axes
+                         [0.9, 0.1, 0], [0.9, 0.1, 0], [0, 0, 1.0]])
+    counts = CoFiring(widths)
+    on = torch.zeros(100, 6)
+    on[:50, 1] = 1          # parent 1 fires on the first half, parent 0 never
+    on[:40, 3] = 1          # child 3 fires inside parent 1 only: 1, though its direction is 0's
+    on[60:70, 4] = 1        # child 4 fires with no parent: falls back to direction (0)
+    on[:10, 5] = 1          # child 5 fires inside 1 and points at 2, which never fires with it
+    counts.add(on)
+    assert similar_parents(rows, widths, 0.0).tolist() == [-1, -1, -1, 0, 0, 2]  # direction alone
+    assert similar_parents(rows, widths, 0.0, counts).tolist() == [-1, -1, -1, 1, 0, 1]
+    # the latent without a co-firing candidate is the first left outside the tree
+    assert similar_parents(rows, widths, 0.34, counts).tolist() == [-1, -1, -1, 1, -1, 1]
 
 
 def test_co_firing_counts_survive_a_state_round_trip():
