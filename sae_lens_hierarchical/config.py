@@ -190,6 +190,10 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
     """With tree_assign "encoder" / "decoder" / "decoder_cofire": the share of each level's latents, lowest best
     similarity first, left outside the tree (Luo et al. leave 20 %; reports give the share of L0
     and of explained variance they carry)."""
+    tree_min_lift: float = 0.0
+    """Experimental, with tree_assign "decoder_cofire": a parent candidate must also fire on the
+    latent's firings at least this many times as often as on all tokens (0: no such test), so a
+    latent that fires on a third of all tokens cannot become everyone's parent."""
     kl_coefficient: float = 0.0
     """Weight of the KL consistency term: each level's activation mass against its children's,
     pooled onto their parents."""
@@ -279,6 +283,8 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
             raise config_error(
                 "tree_assign", self.tree_assign, "allowed: 'cofire', 'encoder', 'decoder', 'decoder_cofire'"
             )
+        if self.tree_min_lift < 0:
+            raise config_error("tree_min_lift", self.tree_min_lift, "it must be >= 0")
         if not 0 <= self.tree_unassigned < 1:
             raise config_error("tree_unassigned", self.tree_unassigned, "it must be in [0, 1)")
         if self.projection_rank is not None:

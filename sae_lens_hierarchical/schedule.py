@@ -42,7 +42,9 @@ class TreeSchedule:
                 new = learned_parents(self.counts, sae.tree_parent, self.cfg.tree_min_cofire)
             else:  # "decoder_cofire"
                 rows = sae.W_dec.detach()
-                new = similar_parents(rows, self.cfg.level_widths, self.cfg.tree_unassigned, self.counts)
+                new = similar_parents(
+                    rows, self.cfg.level_widths, self.cfg.tree_unassigned, self.counts, self.cfg.tree_min_lift
+                )
             sae.tree_parent.copy_(new)
             self.counts.reset()
 

@@ -60,6 +60,7 @@ class CoFiring:
         self.co: dict[int, torch.Tensor] = {}
         self.fired: dict[int, torch.Tensor] = {}
         self.parent_fired: dict[int, torch.Tensor] = {}
+        self.tokens: dict[int, torch.Tensor] = {}  # per child level (all equal): the window's tokens
 
     @torch.no_grad()
     def add(self, acts: torch.Tensor) -> None:
@@ -69,13 +70,15 @@ class CoFiring:
             child = on[:, self.starts[level] : self.starts[level] + self.level_widths[level]]
             parent = on[:, self.starts[level - 1] : self.starts[level - 1] + self.level_widths[level - 1]]
             co, fired, parent_fired = child.T @ parent, child.sum(0), parent.sum(0)
+            tokens = torch.tensor(float(on.shape[0]), dtype=torch.float64, device=on.device)
             if level in self.co:
                 self.co[level] += co.to(self.co[level])
                 self.fired[level] += fired.to(self.fired[level])
                 self.parent_fired[level] += parent_fired.to(self.parent_fired[level])
+                self.tokens[level] = self.tokens.get(level, torch.zeros_like(tokens)) + tokens
             else:
                 self.co[level], self.fired[level] = co.double(), fired.double()
-                self.parent_fired[level] = parent_fired.double()
+                self.parent_fired[level], self.tokens[level] = parent_fired.double(), tokens
 
     def state(self) -> dict[str, torch.Tensor]:
         """The counts as named tensors (for a training checkpoint)."""
@@ -84,11 +87,13 @@ class CoFiring:
             out[f"co_l{level}"] = self.co[level]
             out[f"fired_l{level}"] = self.fired[level]
             out[f"parentfired_l{level}"] = self.parent_fired[level]
+            if level in self.tokens:
+                out[f"tokens_l{level}"] = self.tokens[level]
         return out
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         self.reset()
-        by_kind = {"co": self.co, "fired": self.fired, "parentfired": self.parent_fired}
+        by_kind = {"co": self.co, "fired": self.fired, "parentfired": self.parent_fired, "tokens": self.tokens}
         for name, value in state.items():
             kind, level = name.rsplit("_l", 1)
             by_kind[kind][int(level)] = value.double()
@@ -127,7 +132,11 @@ def learned_parents(counts: CoFiring, current: torch.Tensor, min_cofire: float) 
 
 @torch.no_grad()
 def similar_parents(
-    rows: torch.Tensor, level_widths: Sequence[int], unassigned: float, counts: CoFiring | None = None
+    rows: torch.Tensor,
+    level_widths: Sequence[int],
+    unassigned: float,
+    counts: CoFiring | None = None,
+    min_lift: float = 0.0,
 ) -> torch.Tensor:
     """Each latent's parent by direction rather than co-firing (Luo et al. 2026): the latent one
     level up whose row (encoder or decoder direction, `rows` [d_sae, d]) has the highest cosine
@@ -137,7 +146,9 @@ def similar_parents(
 
     With co-firing `counts` (the hybrid rule), a latent chooses by cosine only among the latents
     one level up that fire on at least half of its firings, when there are any; latents with no
-    such candidate fall back to the plain rule and are the first left outside the tree.
+    such candidate fall back to the plain rule and are the first left outside the tree. With
+    `min_lift` > 0 a candidate must also fire on the latent's firings at least `min_lift` times
+    as often as on all tokens, so a latent that fires everywhere is no one's candidate.
     """
     unit = torch.nn.functional.normalize(rows.float(), dim=-1)
     starts = _starts(level_widths)
@@ -148,7 +159,11 @@ def similar_parents(
         score = child @ above.T  # cosines, in [-1, 1]
         if counts is not None and level in counts.co:
             p_parent = counts.co[level] / counts.fired[level].clamp(min=1).unsqueeze(-1)
-            score = score + 2 * (p_parent >= SPECIFIC).to(score)  # a co-firing candidate beats any other
+            candidate = p_parent >= SPECIFIC
+            if min_lift > 0:
+                rate = counts.parent_fired[level] / counts.tokens[level].clamp(min=1)
+                candidate &= p_parent >= min_lift * rate.unsqueeze(0)
+            score = score + 2 * candidate.to(score)  # a co-firing candidate beats any other
         best, arg = score.max(-1)
         keep = torch.ones_like(best, dtype=torch.bool)
         n_out = int(unassigned * best.numel())

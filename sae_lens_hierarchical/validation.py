@@ -101,6 +101,7 @@ RANGES: dict[str, str] = {
     "tree_every": POSITIVE,
     "tree_min_cofire": UNIT,
     "tree_unassigned": UNIT,
+    "tree_min_lift": NONNEG,
     "projection_rank": POSITIVE,
     "n_levels": POSITIVE,
     "n_roots": POSITIVE,

@@ -88,6 +88,16 @@ def test_the_hybrid_rule_picks_by_direction_among_co_firing_latents_only():
     assert similar_parents(rows, widths, 0.0, counts).tolist() == [-1, -1, -1, 1, 0, 1]
     # the latent without a co-firing candidate is the first left outside the tree
     assert similar_parents(rows, widths, 0.34, counts).tolist() == [-1, -1, -1, 1, -1, 1]
+    # A parent that fires almost everywhere is everyone's candidate, unless a lift is asked for
+    on[:90, 2] = 1          # parent 2 now fires on 90 % of tokens, and on all of child 5's
+    counts.reset()
+    counts.add(on[:50])
+    counts.add(on[50:])     # (two batches: the token count adds up)
+    assert counts.tokens[1].item() == 100
+    assert similar_parents(rows, widths, 0.0, counts).tolist() == [-1, -1, -1, 1, 2, 2]
+    # lift 1.5: parent 1 (50 % of tokens) has 1.0 >= 0.75 on child 3 and 5; parent 2 needs
+    # P >= 1.35 anywhere: no one's candidate, so 4 falls back to direction and 5 to parent 1
+    assert similar_parents(rows, widths, 0.0, counts, min_lift=1.5).tolist() == [-1, -1, -1, 1, 0, 1]
 
 
 def test_co_firing_counts_survive_a_state_round_trip():
