@@ -187,9 +187,9 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
     decoder direction among the latents one level up that fire on half of the latent's firings
     in the last window (the plain "decoder" rule where none does)."""
     tree_unassigned: float = 0.2
-    """With tree_assign "encoder" / "decoder" / "decoder_cofire": the share of each level's latents, lowest best
-    similarity first, left outside the tree (Luo et al. leave 20 %; reports give the share of L0
-    and of explained variance they carry)."""
+    """With tree_assign "encoder" / "decoder" / "decoder_cofire": the share of each level's
+    latents, lowest best similarity first, left outside the tree (Luo et al. leave 20 %; reports
+    give the share of L0 and of explained variance they carry)."""
     tree_min_lift: float = 0.0
     """Experimental, with tree_assign "decoder_cofire": a parent candidate must also fire on the
     latent's firings at least this many times as often as on all tokens (0: no such test), so a
@@ -285,6 +285,10 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
             )
         if self.tree_min_lift < 0:
             raise config_error("tree_min_lift", self.tree_min_lift, "it must be >= 0")
+        if self.tree_min_lift > 0 and self.tree_assign != "decoder_cofire":
+            raise config_error(
+                "tree_min_lift", self.tree_min_lift, "it needs tree_assign 'decoder_cofire' (else use 0)"
+            )
         if not 0 <= self.tree_unassigned < 1:
             raise config_error("tree_unassigned", self.tree_unassigned, "it must be in [0, 1)")
         if self.projection_rank is not None:
