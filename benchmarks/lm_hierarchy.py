@@ -93,6 +93,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     load_start = reporting.load_average()
+    commit = git_commit()  # at the start: the code that trains (a commit made during the run is not it)
     hook = f"blocks.{args.layer}.hook_resid_post"
     model = models.load_model(args.model, device=args.device)
     train_ds, eval_ds = load_data(model, args.dataset, args.context_size, args.seed)
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     return {
         "meta": {
             "command": " ".join(shlex.quote(a) for a in ["python", "benchmarks/lm_hierarchy.py", *argv]),
-            "commit": git_commit(),
+            "commit": commit,
             "machine": reporting.machine_info(), "load_average": {"start": load_start, "end": reporting.load_average()},
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_s": wall, "timings_s": timings,
             "status": status,
