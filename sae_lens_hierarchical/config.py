@@ -172,22 +172,22 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
     by the `tree_assign` rule (uneven branching). "fixed": the seed design's
     contiguous layout, `branching` children per parent, never moved."""
     tree_every: int = 50
-    """Steps between re-assignments of the learned tree (with "cofire": the counts of those steps)."""
+    """Steps between re-assignments of the learned tree (with "cofire" / "decoder_cofire": the
+    co-firing counts of those steps)."""
     tree_min_cofire: float = 0.05
     """With tree_assign "cofire": a latent whose best parent has P(parent on | latent on) below
     this keeps no parent (it is outside the tree, reported as such)."""
-    tree_assign: TreeAssign = "decoder"
-    """How a learned tree picks parents. "decoder" (Luo et al. 2026): the latent one level up whose
-    decoder direction is most similar, co-firing or not; on SmolLM2 half as many latents are
-    dense, its branches read as specialisations and it absorbs less than the flat SAEs on the
-    mean, but its parents fire with their children less often (docs/benchmarks.md, "The current
-    default"). "cofire": the most specific latent one level up that fires on half of the
-    latent's firings (a tighter tree by co-firing, whose top roots fired on a quarter of all
-    tokens). "encoder" (experimental): by encoder direction. "decoder_cofire" (experimental): by
-    decoder direction among the latents one level up that fire on half of the latent's firings
-    in the last window (the plain "decoder" rule where none does)."""
+    tree_assign: TreeAssign = "decoder_cofire"
+    """How a learned tree picks parents. "decoder_cofire" (default): among the latents one level
+    up that fired on half of the latent's firings in the last window, the one whose decoder
+    direction is most similar (the plain "decoder" rule where none did); with no L2 term its top
+    roots are line and clause ends with few children, and its parents fire with their children
+    more often than the "decoder" rule's (docs/benchmarks.md, "The current default").
+    "decoder" (Luo et al. 2026): the latent one level up whose decoder direction is most similar,
+    co-firing or not. "cofire": the most specific latent one level up that fires on half of the
+    latent's firings. "encoder" (experimental): by encoder direction."""
     tree_unassigned: float = 0.2
-    """With tree_assign "encoder" / "decoder" / "decoder_cofire": the share of each level's
+    """With tree_assign "decoder_cofire" / "decoder" / "encoder": the share of each level's
     latents, lowest best similarity first, left outside the tree (Luo et al. leave 20 %; reports
     give the share of L0 and of explained variance they carry)."""
     tree_min_lift: float = 0.0
@@ -197,9 +197,13 @@ class HierarchicalTrainingSAEConfig(TreeShape, MatryoshkaBatchTopKTrainingSAECon
     kl_coefficient: float = 0.0
     """Weight of the KL consistency term: each level's activation mass against its children's,
     pooled onto their parents."""
-    l2_coefficient: float = 0.05
+    l2_coefficient: float = 0.0
     """Weight of the L2 consistency term (Luo et al. 2026): on tokens where some child of a parent
-    fires, the parent's activation should be at least the sum of its children's (`l2_target`)."""
+    fires, the parent's activation should be at least the sum of its children's (`l2_target`).
+    Off by default: with parents chosen among co-firing latents it made the most frequent roots
+    fire wherever their new children did, unions of unrelated children on a third of all tokens;
+    without it the tree is learned beside the reconstruction and does not enter the loss
+    (docs/benchmarks.md, "The current default"). The seed design used 0.05-0.2."""
     l2_until_step: int | None = None
     """Experimental: apply the L2 term only for the first this many training steps (None: always),
     to test whether the tree it ties early survives without its late cost."""

@@ -8,9 +8,10 @@ Read top to bottom:
 2. Reconstruct as the Matryoshka SAE does: each level's prefix x_hat_{<=l} must reconstruct x
    on its own (weighted by `level_recon_weights`; by default not the roots alone), which keeps
    coarse latents in the early levels and stops children from absorbing their parents.
-3. Tie every latent to its parent: `tree_parent` is re-learned every `tree_every` steps, by
-   default from decoder directions (or co-firing; `schedule.TreeSchedule`), and the consistency
-   losses (`losses`) ask a parent to fire, with at least the summed strength of its children,
+3. Give every latent a parent: `tree_parent` is re-learned every `tree_every` steps, by
+   default the most similar decoder direction among the latents one level up that fire with it
+   (`schedule.TreeSchedule`). The consistency losses (`losses`; off by default, the seed
+   design's terms) ask a parent to fire, with at least the summed strength of its children,
    wherever a child fires.
 
 Everything else (aux-k for dead latents, the learned inference threshold, decoder-norm

@@ -35,7 +35,8 @@ def test_default_prefix_weights_leave_the_roots_alone_from_three_levels():
         got[len(widths)] = cfg.level_recon_weights
     assert got == {1: [1.0], 2: [0.25, 1.0], 3: [0.0, 0.25, 1.0], 4: [0.0, 0.25, 0.25, 1.0]}
     assert train_cfg().l2_target == "children_sum_floor"
-    assert train_cfg().tree_assign == "decoder"  # parents by decoder direction (docs/benchmarks.md)
+    # parents by direction among co-firing latents, no consistency term (docs/benchmarks.md)
+    assert (train_cfg().tree_assign, train_cfg().l2_coefficient, train_cfg().kl_coefficient) == ("decoder_cofire", 0, 0)
 
 
 @pytest.mark.parametrize(

@@ -59,9 +59,9 @@ def config(tmp: Path, name: str, prompts: int, arch: str) -> Path:
         # near-tie can flip. With the default prefix weights (0.25) this toy run has one: latent 6
         # differs by 4e-3 in one step, every other tensor agrees to 1e-7 (as it does at 0.2 and
         # 0.3). Pinned weights keep the comparison about the data-parallel maths, not the tie.
-        # The co-firing tree is the one whose counts ranks must sum (a tree by decoder direction
-        # reads weights that are identical on every rank), so it is the one tested here.
-        sae.update(level_widths=[4, 16, 64], tree_every=2, level_recon_weights=[0.5, 0.5, 1.0], tree_assign="cofire")
+        # The default tree ("decoder_cofire") reads co-firing counts that the ranks must sum, as
+        # "cofire" does (the plain decoder rule reads weights identical on every rank).
+        sae.update(level_widths=[4, 16, 64], tree_every=2, level_recon_weights=[0.5, 0.5, 1.0])
     if arch == "matryoshka_batchtopk":
         sae.update(matryoshka_widths=[4, 20, 84])
     cfg = {

@@ -228,7 +228,7 @@ def test_merge_keeps_different_settings_apart(tmp_path):
     assert [e["seeds"] for e in summary if e["contestant"] == "batchtopk"] == [2]
     # A file written before a field existed groups with one that has it at its default...
     newer = json.loads(a[1].read_text())
-    newer["config"]["hsae"]["tree_assign"] = "decoder"
+    newer["config"]["hsae"]["tree_assign"] = HierarchicalTrainingSAEConfig.tree_assign
     c = tmp_path / "newer.json"
     c.write_text(json.dumps(newer))
     _, summary = bench.merge([a[0], c], ("ce_loss_score",))

@@ -105,12 +105,13 @@ def dataset() -> Dataset:
     return Dataset.from_dict({"tokens": torch.randint(0, VOCAB, (200, CTX), generator=g).tolist()})
 
 
-# The default design (a learned tree by decoder direction, re-assigned every 3 of the 12 steps),
-# the co-firing tree (whose counts are state a checkpoint must carry) and two ablations of the
-# seed design with their own state: the hard gate on a fixed tree, per-parent factors.
+# The default design (a learned tree by direction among co-firing latents, re-assigned every 3
+# of the 12 steps: its co-firing counts are state a checkpoint must carry), the tree by decoder
+# direction alone (no counts) and two ablations of the seed design with their own state: the
+# hard gate on a fixed tree, per-parent factors.
 SAES = {
     "learned": {"tree_every": 3},
-    "cofire": {"tree_every": 3, "tree_assign": "cofire"},
+    "decoder": {"tree_every": 3, "tree_assign": "decoder"},
     "gated": {"tree": "fixed", "gate": "hard"},
     "projected": {"tree": "fixed", "projection_rank": 4},
 }
@@ -180,11 +181,11 @@ def test_interrupted_run_resumed_from_last_checkpoint_matches_uninterrupted(
     early = load_file(str(Path(cfg.checkpoint_path) / str(5 * BATCH) / "sae_weights.safetensors"))
     # The schedule's own step count travels with the checkpoint (SAELens's label is one lower).
     assert int(early["_schedule_steps"]) == 5 and int(late["_schedule_steps"]) == 9
-    if design == "learned":
+    if design == "decoder":
         # The tree by decoder direction reads the weights: nothing counted, a tree all the same.
         assert not any(k.startswith("_schedule_co") for k in late)
         assert (late["tree_parent"] >= 0).any()
-    elif design == "cofire":
+    elif design == "learned":
         # Re-assigned before steps 3, 6 and 9 (0-based): the first checkpoint holds the counts of
         # steps 3-4, the second those of steps 6-8, which the tree is re-assigned from next.
         for ck in (early, late):
@@ -203,7 +204,7 @@ def test_interrupted_run_resumed_from_last_checkpoint_matches_uninterrupted(
     resumed_out = load_file(str(tmp_path / "resumed" / "out" / "sae_weights.safetensors"))
     assert_identical(full_out, resumed_out)
 
-    if design in ("learned", "cofire"):
+    if design in ("learned", "decoder"):
         # Resuming from the first checkpoint, inside another re-assignment window: same end.
         early_dir = Path(cfg.checkpoint_path) / str(5 * BATCH)
         from_early = run_lm(lm_cfg(tmp_path, "resumed-early", sae, resume_from_checkpoint=str(early_dir)),

@@ -280,7 +280,7 @@ def test_tree_assign_is_checked():
     with pytest.raises(ValueError, match="tree_assign='cosine' is invalid; allowed: 'cofire', 'encoder', 'decoder', 'decoder_cofire'"):
         training_sae("learned", tree_assign="cosine")
     with pytest.raises(ValueError, match="tree_min_lift=2 is invalid; it needs tree_assign 'decoder_cofire'"):
-        training_sae("learned", tree_min_lift=2)
+        training_sae("learned", tree_assign="decoder", tree_min_lift=2)
     with pytest.raises(ValueError, match="tree_unassigned=1 is invalid"):
         training_sae("learned", tree_unassigned=1)
 
