@@ -8,7 +8,8 @@ then evaluates it against the ground truth and saves it in SAELens's format.
 
 The HSAE is given what a flat SAE is given, a width (split into levels, roots first) and an
 L0 `k` shared by every latent; it learns how to split `k` over the levels and which latent
-one level up is each latent's parent (re-assigned by decoder direction every `tree_every` steps).
+one level up is each latent's parent (re-assigned every `tree_every` steps by decoder direction
+among the latents that fire with it).
 
     python examples/train_synthetic.py                 # bench_configs/synthetic-3level.yaml's world, 1M samples
     python examples/train_synthetic.py --tiny          # 4 roots x 3 x 3, 20k samples, seconds
